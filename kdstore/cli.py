@@ -1,0 +1,62 @@
+"""The ``kd`` console script: a thin dispatcher over subcommand modules.
+
+Each subcommand lives in its own module and exposes ``main(argv: list[str] | None) -> int``
+with its own ``argparse`` parser, so ``kd train student --help`` is owned by the
+trainer and ``kd cache --help`` by the pipeline. Modules are imported lazily: ``kd
+store inspect`` does not pay for importing torch or Beam.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# (command words) -> ("module", "function", one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("cache",): ("pipelines.capture", "main", "run the teacher over a corpus and write a soft-label store (Beam)"),
+    ("store", "inspect"): ("kdstore.tools", "inspect_main", "manifest summary, bytes/token, k statistics"),
+    ("store", "verify"): ("kdstore.tools", "verify_main", "check checksums, schema, counts and values; exit 1 on corruption"),
+    ("store", "stats"): ("kdstore.tools", "stats_main", "histograms of kept mass, tail mass, entropy and k (PNG)"),
+    ("store", "align-report"): ("kdstore.align.report", "main", "vocabulary coverage of a student tokenizer, per policy"),
+    ("train", "student"): ("trainer.student", "main", "distil a student from a store (or CE / online-teacher baselines)"),
+    ("train", "lm"): ("trainer.student", "lm_main", "train a causal LM on text with CE (reference teachers)"),
+    ("train", "rdrop"): ("trainer.rdrop", "main", "R-Drop fine-tuning across segmentation granularities"),
+    ("train", "cascade"): ("trainer.cascade", "main", "cascade distillation A -> B -> TextCNN student"),
+    ("demo",): ("trainer.demo", "main", "the whole path on real data: teacher, capture, student, report"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: kd <command> [options]", "", "commands:"]
+    for words, (_, _, help_) in COMMANDS.items():
+        lines.append(f"  kd {' '.join(words):<22} {help_}")
+    lines.append("")
+    lines.append("Run 'kd <command> --help' for the options of one command.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"--version", "version"}:
+        from kdstore import __version__
+
+        print(__version__)
+        return 0
+    for n in (2, 1):
+        key = tuple(argv[:n])
+        if key in COMMANDS:
+            module, func, _ = COMMANDS[key]
+            fn = getattr(importlib.import_module(module), func)
+            prog = "kd " + " ".join(key)
+            rc = fn(argv[n:], prog=prog)
+            return int(rc or 0)
+    print(f"kd: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
+    print(_usage(), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: real corpora shipped in packages, generic file readers, tokenizer training."""

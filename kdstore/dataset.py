@@ -1,0 +1,274 @@
+"""Torch streaming over a store: deterministic shuffling, rank/worker sharding, exact resume.
+
+Data order is a pure function of ``(seed, epoch, shard row counts, rank, world_size,
+batch_size)``: shards are permuted, grouped into blocks of ``shuffle_block`` shards, and
+rows are permuted within each block (so a worker holds at most a block of shards in
+memory). Ranks take every ``world_size``-th row of that order; batches are consecutive
+chunks of a rank's rows, and DataLoader worker ``w`` of ``W`` produces batches
+``start + w, start + w + W, ...``, which the DataLoader hands out round-robin, so the
+batch sequence is the same for any number of workers. Resume state is therefore a tiny
+dict (epoch, batches consumed): see :class:`StoreLoader`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+import xxhash
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kdstore.store import TARGET_COLUMNS, DecodedRows, Store, open as open_store
+
+IGNORE_INDEX = -100
+
+
+class TargetRemap(Protocol):
+    """Vocabulary remapping applied to decoded rows (see :mod:`kdstore.align`)."""
+
+    vocab_size: int
+
+    def map_targets(
+        self, indices: np.ndarray, probs: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def map_inputs(self, ids: np.ndarray) -> np.ndarray: ...
+
+
+def epoch_order(shard_rows: list[int], *, seed: int, epoch: int, shuffle: bool = True, shuffle_block: int = 4) -> np.ndarray:
+    """Global row ids (``shard offset + row``) of one epoch, in order; a pure function."""
+    offsets = np.concatenate([[0], np.cumsum(shard_rows, dtype=np.int64)])
+    if not shuffle:
+        return np.arange(offsets[-1], dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(shard_rows))
+    parts = []
+    for b in range(0, len(perm), max(1, shuffle_block)):
+        ids = np.concatenate([np.arange(offsets[s], offsets[s + 1], dtype=np.int64) for s in perm[b : b + shuffle_block]])
+        parts.append(rng.permutation(ids))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _dist_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank() if rank is None else rank
+            world_size = torch.distributed.get_world_size() if world_size is None else world_size
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    return rank, world_size
+
+
+class SoftLabelDataset(IterableDataset):
+    """Batches of decoded soft labels from a store (use with ``DataLoader(batch_size=None)``
+    or, for resumable training, :class:`StoreLoader`).
+
+    Token-level batches (B rows, T = longest row, K = most kept entries in the batch):
+
+    - ``input_ids`` ``[B, T]`` long: teacher token ids (or ``remap.map_inputs`` of them); 0 in padding
+    - ``attention_mask`` ``[B, T]`` bool
+    - ``labels`` ``[B, T]`` long: the next token id; ``-100`` at the last position of a row,
+      in padding and in overlap context (``context_len``)
+    - ``kd_indices`` ``[B, T, K]`` long, ``kd_probs`` ``[B, T, K]`` float32 (0 in padding),
+      ``kd_tail`` ``[B, T]`` float32 (mass outside the kept entries; ``probs.sum(-1) + tail == 1``)
+    - ``kd_mask`` ``[B, T]`` bool: the position has a teacher target
+    - ``sample_id`` list of B str, ``window`` ``[B]`` long, ``batch_index`` int
+
+    Sequence-level stores give ``kd_indices``/``kd_probs`` ``[B, K]``, ``kd_tail`` ``[B]`` and
+    ``labels`` ``[B]`` (-100 where the store has no label).
+    """
+
+    def __init__(
+        self,
+        store: Store | str,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_block: int = 4,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        remap: TargetRemap | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.store = open_store(store) if isinstance(store, str) else store
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_block = shuffle_block
+        self.rank, self.world_size = _dist_defaults(rank, world_size)
+        self.drop_last = drop_last
+        self.remap = remap
+        self.epoch = 0
+        self.start_batch = 0
+        self._shard_rows = [s.rows for s in self.store.shards]
+        self._offsets = np.concatenate([[0], np.cumsum(self._shard_rows, dtype=np.int64)])
+        self._columns = list(TARGET_COLUMNS) + (["label"] if "label" in self.store.schema.names else [])
+        self._cache: dict[int, pa.Table] = {}
+
+    # -- order -------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the data order: same store contents and sharding parameters."""
+        key = "|".join(s.checksum for s in self.store.shards)
+        key += f"|{self.seed}|{self.shuffle}|{self.shuffle_block}|{self.world_size}|{self.batch_size}|{self.drop_last}"
+        return xxhash.xxh3_64_hexdigest(key.encode())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rank_rows(self, epoch: int | None = None) -> np.ndarray:
+        """Global row ids this rank reads in ``epoch``, in order."""
+        order = epoch_order(
+            self._shard_rows, seed=self.seed, epoch=self.epoch if epoch is None else epoch,
+            shuffle=self.shuffle, shuffle_block=self.shuffle_block,
+        )
+        return order[self.rank :: self.world_size]
+
+    def num_batches(self, epoch: int | None = None) -> int:
+        n = len(self.rank_rows(epoch))
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches()
+
+    # -- iteration ---------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rows = self.rank_rows()
+        n_batches = len(rows) // self.batch_size if self.drop_last else math.ceil(len(rows) / self.batch_size)
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j in range(self.start_batch + wid, n_batches, nw):
+            ids = rows[j * self.batch_size : (j + 1) * self.batch_size]
+            batch = self.collate(self._decode_rows(ids))
+            batch["batch_index"] = j
+            yield batch
+        self._cache.clear()
+
+    def _decode_rows(self, ids: np.ndarray) -> DecodedRows:
+        shard_of = np.searchsorted(self._offsets, ids, side="right") - 1
+        order = np.argsort(shard_of, kind="stable")
+        parts = []
+        for s in np.unique(shard_of):
+            local = ids[order][shard_of[order] == s] - self._offsets[s]
+            parts.append(self._shard(int(s)).take(pa.array(local)))
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        table = table.take(pa.array(inverse))
+        return self.store.decode(table, source=f" (rows {ids[:3].tolist()}...)")
+
+    def _shard(self, i: int) -> pa.Table:
+        if i not in self._cache:
+            # Hold at most two blocks of shards: rows of a block are read in random order.
+            if len(self._cache) >= 2 * max(1, self.shuffle_block):
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = self.store.read_shard(i, columns=self._columns)
+        return self._cache[i]
+
+    # -- collation ---------------------------------------------------------------------
+    def collate(self, d: DecodedRows) -> dict[str, Any]:
+        """Decoded rows -> padded tensors (see the class docstring)."""
+        indices, probs, counts, tail = d.indices, d.probs, d.counts, d.tail
+        input_ids = d.input_ids
+        if self.remap is not None:
+            indices, probs, counts, extra = self.remap.map_targets(indices, probs, counts)
+            tail = tail + extra
+            if len(input_ids):
+                input_ids = self.remap.map_inputs(input_ids)
+        R = d.num_rows
+        P = len(counts)
+        K = int(counts.max()) if P else 1
+        entry_off = np.zeros(P + 1, dtype=np.int64)
+        np.cumsum(counts, out=entry_off[1:])
+        ent_pos = np.repeat(np.arange(P), counts)
+        slot = np.arange(len(indices)) - entry_off[ent_pos]
+        out: dict[str, Any] = {"sample_id": d.sample_id, "window": torch.from_numpy(d.window)}
+        if self.store.manifest.level == "sequence":
+            kd_idx = np.zeros((R, K), dtype=np.int64)
+            kd_p = np.zeros((R, K), dtype=np.float32)
+            kd_idx[ent_pos, slot] = indices
+            kd_p[ent_pos, slot] = probs
+            labels = d.label if d.label is not None else np.full(R, IGNORE_INDEX, dtype=np.int64)
+            out.update(kd_indices=torch.from_numpy(kd_idx), kd_probs=torch.from_numpy(kd_p),
+                       kd_tail=torch.from_numpy(tail.astype(np.float32)), labels=torch.from_numpy(labels))
+            return out
+        lengths = np.diff(d.positions)
+        T = int(lengths.max()) if R else 0
+        pos_row = np.repeat(np.arange(R), lengths)
+        pos_t = np.arange(P) - d.positions[pos_row]
+        ids = np.zeros((R, T), dtype=np.int64)
+        ids[pos_row, pos_t] = input_ids
+        mask = np.zeros((R, T), dtype=bool)
+        mask[pos_row, pos_t] = True
+        labels = np.full((R, T), IGNORE_INDEX, dtype=np.int64)
+        if T > 1:
+            labels[:, :-1] = np.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX)
+        kd_mask = mask & (np.arange(T)[None, :] >= d.context_len[:, None])
+        labels[~kd_mask] = IGNORE_INDEX
+        kd_idx = np.zeros((R, T, K), dtype=np.int64)
+        kd_p = np.zeros((R, T, K), dtype=np.float32)
+        r_e, t_e = pos_row[ent_pos], pos_t[ent_pos]
+        kd_idx[r_e, t_e, slot] = indices
+        kd_p[r_e, t_e, slot] = probs
+        kd_tail = np.zeros((R, T), dtype=np.float32)
+        kd_tail[pos_row, pos_t] = tail
+        out.update(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=torch.from_numpy(labels),
+            kd_indices=torch.from_numpy(kd_idx), kd_probs=torch.from_numpy(kd_p), kd_tail=torch.from_numpy(kd_tail),
+            kd_mask=torch.from_numpy(kd_mask),
+        )
+        return out
+
+
+class StoreLoader:
+    """A DataLoader over a :class:`SoftLabelDataset` that knows where it is.
+
+    ``state_dict()`` is ``{"epoch", "batches_done", "fingerprint"}``; loading it makes the
+    next iteration start at the first batch not yet consumed, so an interrupted and resumed
+    run sees exactly the batches of an uninterrupted one. Iterating runs one epoch (from the
+    resume point); the next iteration runs the next epoch.
+    """
+
+    def __init__(self, dataset: SoftLabelDataset, *, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int | None = None) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.epoch = 0
+        self.batches_done = 0
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches(self.epoch) - self.batches_done
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.set_epoch(self.epoch)
+        self.dataset.start_batch = self.batches_done
+        kw: dict[str, Any] = {}
+        if self.num_workers > 0 and self.prefetch_factor is not None:
+            kw["prefetch_factor"] = self.prefetch_factor
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
+        for batch in loader:
+            self.batches_done += 1
+            yield batch
+        self.epoch += 1
+        self.batches_done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "fingerprint": self.dataset.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.dataset.fingerprint:
+            raise ValueError(
+                "data-loader state was saved for a different store or sharding (seed, batch size, world size, "
+                "shard checksums differ); resume with the same store and settings, or start a fresh run"
+            )
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state["batches_done"])

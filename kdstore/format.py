@@ -1,0 +1,250 @@
+"""Store format v1: directory layout, Arrow schema, manifest. See ``docs/format.md``.
+
+Layout of a store root::
+
+    manifest.json            written last, atomically: a store without it is incomplete
+    vocab.parquet            teacher vocabulary table (id, token, bytes, hash, special)
+    shards/*.parquet         soft-label rows (zstd)
+    errors/*.jsonl           dead letters: one JSON object per rejected sample
+
+Everything here is pinned by ``tests/test_store_golden.py``; changing it means a new
+``FORMAT_VERSION`` and a reader that still accepts the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from kdstore.errors import StoreFormatError
+from kdstore.quant import count_dtype, index_dtype
+
+FORMAT_NAME = "kdstore"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+MANIFEST = "manifest.json"
+VOCAB = "vocab.parquet"
+SHARD_DIR = "shards"
+ERROR_DIR = "errors"
+
+SELECT_MODES = ("topk", "top_p", "sample")
+LEVELS = ("token", "sequence")
+
+_PA_UINT = {1: pa.uint8(), 2: pa.uint16(), 4: pa.uint32(), 8: pa.uint64()}
+
+
+@dataclass
+class TeacherInfo:
+    """Identity of the model whose distributions are stored.
+
+    ``vocab_size`` is the *padded* vocabulary size (rows of the output embedding), which
+    bounds every stored index; ``tokenizer_vocab_size`` is ``len(tokenizer)``. For a
+    sequence-level store, ``vocab_size`` is the number of classes.
+    """
+
+    name_or_path: str
+    vocab_size: int
+    weights_hash: str | None = None
+    tokenizer_hash: str | None = None
+    tokenizer_vocab_size: int | None = None
+    revision: str | None = None
+    architecture: str | None = None
+    num_parameters: int | None = None
+
+
+@dataclass
+class Selection:
+    """How kept entries were chosen from each teacher distribution.
+
+    ``topk``: the ``k`` most probable; ``top_p``: the fewest whose mass reaches ``p``
+    (at least 1, at most ``max_k``); ``sample``: ``samples`` draws with replacement,
+    stored as exact counts (target = counts / samples).
+    """
+
+    mode: str
+    k: int | None = None
+    p: float | None = None
+    max_k: int | None = None
+    samples: int | None = None
+    temperature: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.mode not in SELECT_MODES:
+            raise StoreFormatError(f"unknown selection mode {self.mode!r}; expected one of {SELECT_MODES}")
+        if self.mode == "topk" and (self.k is None or self.k < 1):
+            raise StoreFormatError("selection mode 'topk' needs k >= 1")
+        if self.mode == "top_p" and (self.p is None or not 0.0 < self.p <= 1.0 or not self.max_k):
+            raise StoreFormatError("selection mode 'top_p' needs 0 < p <= 1 and max_k >= 1")
+        if self.mode == "sample" and (self.samples is None or self.samples < 1):
+            raise StoreFormatError("selection mode 'sample' needs samples >= 1")
+        if not self.temperature > 0:
+            raise StoreFormatError(f"temperature must be > 0, got {self.temperature}")
+
+    @property
+    def variable(self) -> bool:
+        """True when the number of kept entries varies per position (a ``counts`` column)."""
+        return self.mode != "topk"
+
+    @property
+    def max_kept(self) -> int:
+        return {"topk": self.k, "top_p": self.max_k, "sample": self.samples}[self.mode]  # type: ignore[return-value]
+
+
+@dataclass
+class Quantization:
+    """``probs`` scheme: ``log`` (see :mod:`kdstore.quant`) or ``count`` (sample mode);
+    ``bits`` of the code; the tail always uses the ``log`` scheme with the same bits."""
+
+    probs: str
+    bits: int
+    log_range: float | None = None
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    rows: int
+    tokens: int
+    entries: int
+    bytes: int
+    checksum: str
+
+
+@dataclass
+class Manifest:
+    teacher: TeacherInfo
+    selection: Selection
+    quantization: Quantization
+    level: str = "token"
+    shards: list[ShardInfo] = field(default_factory=list)
+    totals: dict[str, int] = field(default_factory=dict)
+    vocab: dict[str, Any] | None = None
+    errors: dict[str, Any] = field(default_factory=lambda: {"files": [], "count": 0})
+    columns: dict[str, bool] = field(default_factory=dict)
+    index_dtype: str = ""
+    hashes: dict[str, str] = field(default_factory=dict)
+    created_by: str = ""
+    created_at: str = ""
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    # -- derived -----------------------------------------------------------------------
+    @property
+    def index_np_dtype(self):
+        return index_dtype(self.teacher.vocab_size)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "manifest.json") -> "Manifest":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StoreFormatError(f"{source}: not valid JSON ({exc}); the manifest is corrupt — re-run the capture or restore it") from exc
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            raise StoreFormatError(f"{source}: not a kdstore manifest (format={d.get('format') if isinstance(d, dict) else None!r})")
+        version = d.get("format_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise StoreFormatError(
+                f"{source}: store format version {version!r} is not supported by this kdstore "
+                f"(supports {list(SUPPORTED_VERSIONS)}); upgrade kdstore or re-create the store"
+            )
+        try:
+            teacher = TeacherInfo(**d.pop("teacher"))
+            selection = Selection(**d.pop("selection"))
+            quantization = Quantization(**d.pop("quantization"))
+            shards = [ShardInfo(**s) for s in d.pop("shards")]
+            m = cls(teacher=teacher, selection=selection, quantization=quantization, shards=shards, **d)
+        except (KeyError, TypeError) as exc:
+            raise StoreFormatError(f"{source}: manifest is missing or has unexpected fields ({exc})") from exc
+        m.validate(source=source)
+        return m
+
+    def validate(self, *, source: str = "manifest.json") -> None:
+        self.selection.validate()
+        if self.level not in LEVELS:
+            raise StoreFormatError(f"{source}: unknown level {self.level!r}")
+        if self.quantization.probs not in ("log", "count") or self.quantization.bits not in (8, 16):
+            raise StoreFormatError(f"{source}: unknown quantization {self.quantization}")
+        if (self.quantization.probs == "count") != (self.selection.mode == "sample"):
+            raise StoreFormatError(f"{source}: 'count' quantization goes with selection mode 'sample' only")
+        for s in self.shards:
+            check_relative_path(s.file, source=source)
+        for f in self.errors.get("files", []):
+            check_relative_path(f, source=source)
+
+
+def check_relative_path(rel: str, *, source: str = "manifest.json") -> str:
+    """Shard paths must be relative and stay inside the store root."""
+    if not isinstance(rel, str) or not rel:
+        raise StoreFormatError(f"{source}: empty file name in manifest")
+    if rel.startswith("/") or "://" in rel or (len(rel) > 1 and rel[1] == ":") or "\\" in rel:
+        raise StoreFormatError(f"{source}: file path {rel!r} is absolute; manifest paths must be relative to the store root")
+    norm = posixpath.normpath(rel)
+    if norm.startswith("..") or "/../" in f"/{rel}/":
+        raise StoreFormatError(f"{source}: file path {rel!r} escapes the store root ('..'); refusing to read it")
+    return norm
+
+
+def probs_dtype(quant: Quantization, selection: Selection):
+    if quant.probs == "count":
+        return count_dtype(selection.samples or 1)
+    import numpy as np  # noqa: PLC0415
+
+    return np.dtype(np.uint8 if quant.bits == 8 else np.uint16)
+
+
+def tail_dtype(quant: Quantization):
+    import numpy as np  # noqa: PLC0415
+
+    return np.dtype(np.uint8 if quant.bits == 8 else np.uint16)
+
+
+def arrow_schema(manifest: Manifest) -> pa.Schema:
+    """Arrow schema of shard files for a given manifest (columns depend on options)."""
+    idx = _PA_UINT[manifest.index_np_dtype.itemsize]
+    prob = _PA_UINT[probs_dtype(manifest.quantization, manifest.selection).itemsize]
+    tail = _PA_UINT[tail_dtype(manifest.quantization).itemsize]
+    fields = [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("window", pa.uint32(), nullable=False),
+        pa.field("token_start", pa.uint32(), nullable=False),
+        pa.field("context_len", pa.uint32(), nullable=False),
+        pa.field("tokens", pa.list_(pa.uint64()), nullable=False),
+    ]
+    if manifest.selection.variable:
+        fields.append(pa.field("counts", pa.list_(pa.uint16()), nullable=False))
+    fields += [
+        pa.field("indices", pa.list_(idx), nullable=False),
+        pa.field("probs", pa.list_(prob), nullable=False),
+        pa.field("tail", pa.list_(tail), nullable=False),
+    ]
+    cols = manifest.columns
+    if cols.get("text"):
+        fields.append(pa.field("text", pa.string()))
+    if cols.get("offsets"):
+        fields.append(pa.field("byte_start", pa.list_(pa.uint32())))
+        fields.append(pa.field("byte_end", pa.list_(pa.uint32())))
+    if cols.get("label"):
+        fields.append(pa.field("label", pa.int64()))
+    return pa.schema(fields, metadata={b"kdstore.format_version": str(FORMAT_VERSION).encode()})
+
+
+VOCAB_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.uint32(), nullable=False),
+        pa.field("token", pa.string(), nullable=False),
+        pa.field("bytes", pa.binary(), nullable=False),
+        pa.field("hash", pa.uint64(), nullable=False),
+        pa.field("special", pa.bool_(), nullable=False),
+    ],
+    metadata={b"kdstore.format_version": str(FORMAT_VERSION).encode()},
+)
