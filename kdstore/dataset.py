@@ -7,21 +7,28 @@ memory). Ranks take every ``world_size``-th row of that order; batches are conse
 chunks of a rank's rows, and DataLoader worker ``w`` of ``W`` produces batches
 ``start + w, start + w + W, ...``, which the DataLoader hands out round-robin, so the
 batch sequence is the same for any number of workers. Resume state is therefore a tiny
-dict (epoch, batches consumed): see :class:`StoreLoader`.
+dict (epoch, batches consumed): see :class:`StoreLoader`. Within a batch, rows are grouped
+by shard (see ``SoftLabelDataset._decode_rows``).
+
+Memory and I/O: each DataLoader worker reads every shard of the current block (a block's
+rows are spread over all batches; with W workers a block is read W times), one background
+thread per worker loads the next block while the current one is decoded, and shards are
+dropped after their last batch. Keep about 2 x ``shuffle_block`` x shard size x W within
+memory (shards are held with their stored code widths, ~3 B per kept entry).
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Protocol
 
 import numpy as np
-import pyarrow as pa
 import torch
 import xxhash
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdstore.store import TARGET_COLUMNS, DecodedRows, Store, open as open_store
+from kdstore.store import TARGET_COLUMNS, DecodedRows, RawRows, Store, open as open_store
 
 IGNORE_INDEX = -100
 
@@ -76,9 +83,11 @@ class SoftLabelDataset(IterableDataset):
     - ``kd_indices`` ``[B, T, K]`` long, ``kd_probs`` ``[B, T, K]`` float32 (0 in padding),
       ``kd_tail`` ``[B, T]`` float32 (mass outside the kept entries; ``probs.sum(-1) + tail == 1``)
     - ``kd_mask`` ``[B, T]`` bool: the position has a teacher target
+    - ``kd_counts`` ``[B, T]`` long: kept entries per position (slots ``>= count`` are padding);
+      entries of a position are in ascending index order (the top entry is ``kd_probs.argmax(-1)``)
     - ``sample_id`` list of B str, ``window`` ``[B]`` long, ``batch_index`` int
 
-    Sequence-level stores give ``kd_indices``/``kd_probs`` ``[B, K]``, ``kd_tail`` ``[B]`` and
+    Sequence-level stores give ``kd_indices``/``kd_probs`` ``[B, K]``, ``kd_tail`` and ``kd_counts`` ``[B]``, and
     ``labels`` ``[B]`` (-100 where the store has no label).
     """
 
@@ -111,7 +120,8 @@ class SoftLabelDataset(IterableDataset):
         self._shard_rows = [s.rows for s in self.store.shards]
         self._offsets = np.concatenate([[0], np.cumsum(self._shard_rows, dtype=np.int64)])
         self._columns = list(TARGET_COLUMNS) + (["label"] if "label" in self.store.schema.names else [])
-        self._cache: dict[int, pa.Table] = {}
+        sel = self.store.manifest.selection
+        self._fixed_k = 0 if sel.variable else min(sel.k, self.store.manifest.teacher.vocab_size)
 
     # -- order -------------------------------------------------------------------------
     @property
@@ -125,11 +135,19 @@ class SoftLabelDataset(IterableDataset):
         self.epoch = epoch
 
     def rank_rows(self, epoch: int | None = None) -> np.ndarray:
-        """Global row ids this rank reads in ``epoch``, in order."""
+        """Global row ids this rank reads in ``epoch``, in order.
+
+        With ``drop_last`` the epoch order is first cut to a multiple of
+        ``world_size * batch_size`` so that every rank gets the same number of full batches
+        (distributed training must not run a different number of steps per rank).
+        """
         order = epoch_order(
             self._shard_rows, seed=self.seed, epoch=self.epoch if epoch is None else epoch,
             shuffle=self.shuffle, shuffle_block=self.shuffle_block,
         )
+        if self.drop_last:
+            step = self.world_size * self.batch_size
+            order = order[: len(order) // step * step]
         return order[self.rank :: self.world_size]
 
     def num_batches(self, epoch: int | None = None) -> int:
@@ -145,33 +163,55 @@ class SoftLabelDataset(IterableDataset):
         n_batches = len(rows) // self.batch_size if self.drop_last else math.ceil(len(rows) / self.batch_size)
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for j in range(self.start_batch + wid, n_batches, nw):
+        mine = range(self.start_batch + wid, n_batches, nw)
+        # Which shards each of this worker's batches needs: shards are loaded (in a background
+        # thread, ahead of use: reading overlaps decoding) and dropped after their last use.
+        plan = []
+        for j in mine:
             ids = rows[j * self.batch_size : (j + 1) * self.batch_size]
-            batch = self.collate(self._decode_rows(ids))
-            batch["batch_index"] = j
-            yield batch
-        self._cache.clear()
+            shard_of = np.searchsorted(self._offsets, ids, side="right") - 1
+            plan.append((j, ids, shard_of))
+        first_use: list[int] = []
+        last_use: dict[int, int] = {}
+        for n, (_, _, shard_of) in enumerate(plan):
+            for s in np.unique(shard_of).tolist():
+                if s not in last_use:
+                    first_use.append(s)
+                last_use[s] = n
+        loader = _ShardPrefetcher(self._load_shard, first_use, ahead=max(1, self.shuffle_block))
+        try:
+            for n, (j, ids, shard_of) in enumerate(plan):
+                batch = self.collate(self._decode_rows(ids, shard_of, loader.get))
+                batch["batch_index"] = j
+                for s in np.unique(shard_of).tolist():
+                    if last_use[s] == n:
+                        loader.drop(s)
+                yield batch
+        finally:
+            loader.close()
 
-    def _decode_rows(self, ids: np.ndarray) -> DecodedRows:
-        shard_of = np.searchsorted(self._offsets, ids, side="right") - 1
-        order = np.argsort(shard_of, kind="stable")
-        parts = []
+    def _decode_rows(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> DecodedRows:
+        """Decode the rows ``ids`` (global row ids, in shards ``shard_of``) of one batch.
+
+        Within a batch, rows come grouped by shard (shards in ascending order, rows in epoch
+        order within a shard): a pure function of the epoch order, so resuming reproduces it.
+        """
+        parts, files = [], []
         for s in np.unique(shard_of):
-            local = ids[order][shard_of[order] == s] - self._offsets[s]
-            parts.append(self._shard(int(s)).take(pa.array(local)))
-        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        table = table.take(pa.array(inverse))
-        return self.store.decode(table, source=f" (rows {ids[:3].tolist()}...)")
+            parts.append((get_shard(int(s)), ids[shard_of == s] - self._offsets[s]))
+            files.append(self.store.shards[int(s)].file)
+        raw = RawRows.gather(parts, fixed_k=self._fixed_k)
+        return self.store.decode_raw(raw, source=f" (batch from {', '.join(files)})")
 
-    def _shard(self, i: int) -> pa.Table:
-        if i not in self._cache:
-            # Hold at most two blocks of shards: rows of a block are read in random order.
-            if len(self._cache) >= 2 * max(1, self.shuffle_block):
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[i] = self.store.read_shard(i, columns=self._columns)
-        return self._cache[i]
+    def _load_shard(self, i: int) -> RawRows:
+        """Undecoded rows of shard ``i``: codes stay in their stored width (about 3 B per kept
+        entry in memory); token hashes are mapped to ids once per shard."""
+        source = f"/{self.store.shards[i].file}"
+        raw = self.store.raw(self.store.read_shard(i, columns=self._columns), source=source)
+        if raw.tokens is not None:
+            raw.tokens = self.store.token_ids(raw.tokens, where=source)
+            raw.tokens_are_ids = True
+        return raw
 
     # -- collation ---------------------------------------------------------------------
     def collate(self, d: DecodedRows) -> dict[str, Any]:
@@ -185,20 +225,30 @@ class SoftLabelDataset(IterableDataset):
                 input_ids = self.remap.map_inputs(input_ids)
         R = d.num_rows
         P = len(counts)
-        K = int(counts.max()) if P else 1
-        entry_off = np.zeros(P + 1, dtype=np.int64)
-        np.cumsum(counts, out=entry_off[1:])
-        ent_pos = np.repeat(np.arange(P), counts)
-        slot = np.arange(len(indices)) - entry_off[ent_pos]
+        K = max(1, int(counts.max())) if P else 1
+        # Fixed k (top-k without a remap): entries reshape to [P, K], no per-entry scatter.
+        fixed = P > 0 and len(indices) == P * K and bool((counts == K).all())
+        if fixed:
+            ent_pos = slot = None
+            indices_pk, probs_pk = indices.reshape(P, K), probs.reshape(P, K)
+        else:
+            entry_off = np.zeros(P + 1, dtype=np.int64)
+            np.cumsum(counts, out=entry_off[1:])
+            ent_pos = np.repeat(np.arange(P), counts)
+            slot = np.arange(len(indices)) - entry_off[ent_pos]
         out: dict[str, Any] = {"sample_id": d.sample_id, "window": torch.from_numpy(d.window)}
         if self.store.manifest.level == "sequence":
             kd_idx = np.zeros((R, K), dtype=np.int64)
             kd_p = np.zeros((R, K), dtype=np.float32)
-            kd_idx[ent_pos, slot] = indices
-            kd_p[ent_pos, slot] = probs
+            if fixed:
+                kd_idx[:], kd_p[:] = indices_pk, probs_pk
+            else:
+                kd_idx[ent_pos, slot] = indices
+                kd_p[ent_pos, slot] = probs
             labels = d.label if d.label is not None else np.full(R, IGNORE_INDEX, dtype=np.int64)
             out.update(kd_indices=torch.from_numpy(kd_idx), kd_probs=torch.from_numpy(kd_p),
-                       kd_tail=torch.from_numpy(tail.astype(np.float32)), labels=torch.from_numpy(labels))
+                       kd_tail=torch.from_numpy(tail.astype(np.float32)), labels=torch.from_numpy(labels),
+                       kd_counts=torch.from_numpy(counts.astype(np.int64)))
             return out
         lengths = np.diff(d.positions)
         T = int(lengths.max()) if R else 0
@@ -213,19 +263,66 @@ class SoftLabelDataset(IterableDataset):
             labels[:, :-1] = np.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX)
         kd_mask = mask & (np.arange(T)[None, :] >= d.context_len[:, None])
         labels[~kd_mask] = IGNORE_INDEX
-        kd_idx = np.zeros((R, T, K), dtype=np.int64)
-        kd_p = np.zeros((R, T, K), dtype=np.float32)
-        r_e, t_e = pos_row[ent_pos], pos_t[ent_pos]
-        kd_idx[r_e, t_e, slot] = indices
-        kd_p[r_e, t_e, slot] = probs
+        full = P == R * T  # every row has T positions: no padding, reshape instead of scatter
+        if fixed and full:
+            kd_idx, kd_p = indices_pk.reshape(R, T, K), probs_pk.reshape(R, T, K)
+        elif fixed:
+            kd_idx = np.zeros((R, T, K), dtype=np.int64)
+            kd_p = np.zeros((R, T, K), dtype=np.float32)
+            kd_idx[pos_row, pos_t] = indices_pk
+            kd_p[pos_row, pos_t] = probs_pk
+        else:
+            kd_idx = np.zeros((R, T, K), dtype=np.int64)
+            kd_p = np.zeros((R, T, K), dtype=np.float32)
+            r_e, t_e = pos_row[ent_pos], pos_t[ent_pos]
+            kd_idx[r_e, t_e, slot] = indices
+            kd_p[r_e, t_e, slot] = probs
         kd_tail = np.zeros((R, T), dtype=np.float32)
         kd_tail[pos_row, pos_t] = tail
+        kd_counts = np.zeros((R, T), dtype=np.int64)
+        kd_counts[pos_row, pos_t] = counts
         out.update(
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=torch.from_numpy(labels),
             kd_indices=torch.from_numpy(kd_idx), kd_probs=torch.from_numpy(kd_p), kd_tail=torch.from_numpy(kd_tail),
-            kd_mask=torch.from_numpy(kd_mask),
+            kd_mask=torch.from_numpy(kd_mask), kd_counts=torch.from_numpy(kd_counts),
         )
         return out
+
+
+class _ShardPrefetcher:
+    """Loads shards in a fixed order in one background thread, ``ahead`` shards beyond the
+    last one requested (pyarrow reading and most numpy work release the GIL, so reading the
+    next shards overlaps decoding the current batches). Memory: the shards in use plus
+    ``ahead`` (one shuffle block) loaded in advance."""
+
+    def __init__(self, load, order: list[int], *, ahead: int) -> None:
+        self._load = load
+        self._order = order
+        self._pos = {s: n for n, s in enumerate(order)}
+        self._ahead = ahead
+        self._next = 0  # position in ``order`` of the next shard to submit
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdstore-shards") if order else None
+        self._futures: dict[int, Future] = {}
+
+    def _top_up(self, upto: int) -> None:
+        while self._next < len(self._order) and self._next <= upto:
+            s = self._order[self._next]
+            self._futures[s] = self._pool.submit(self._load, s)
+            self._next += 1
+
+    def get(self, shard: int) -> RawRows:
+        self._top_up(self._pos[shard] + self._ahead)
+        return self._futures[shard].result()
+
+    def drop(self, shard: int) -> None:
+        self._futures.pop(shard, None)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for f in self._futures.values():
+                f.cancel()
+            self._pool.shutdown(wait=True)
+            self._futures.clear()
 
 
 class StoreLoader:

@@ -33,6 +33,9 @@ SHARD_DIR = "shards"
 ERROR_DIR = "errors"
 
 SELECT_MODES = ("topk", "top_p", "sample")
+PROB_CODES = ("sqrt", "log", "count")
+# Entries of a position sorted by ascending index, indices stored as gaps (docs/format.md).
+INDEX_CODING = "sorted_delta"
 LEVELS = ("token", "sequence")
 
 _PA_UINT = {1: pa.uint8(), 2: pa.uint16(), 4: pa.uint32(), 8: pa.uint64()}
@@ -83,6 +86,8 @@ class Selection:
             raise StoreFormatError("selection mode 'top_p' needs 0 < p <= 1 and max_k >= 1")
         if self.mode == "sample" and (self.samples is None or self.samples < 1):
             raise StoreFormatError("selection mode 'sample' needs samples >= 1")
+        if self.max_kept > 0xFFFF:
+            raise StoreFormatError(f"at most 65535 kept entries per position are supported, got {self.max_kept}")
         if not self.temperature > 0:
             raise StoreFormatError(f"temperature must be > 0, got {self.temperature}")
 
@@ -98,12 +103,23 @@ class Selection:
 
 @dataclass
 class Quantization:
-    """``probs`` scheme: ``log`` (see :mod:`kdstore.quant`) or ``count`` (sample mode);
-    ``bits`` of the code; the tail always uses the ``log`` scheme with the same bits."""
+    """How ``probs`` and ``tail`` are coded (exact mappings in :mod:`kdstore.quant`).
+
+    ``probs``: ``sqrt`` (default), ``log``, or ``count`` (``sample`` mode: exact draw
+    counts). ``tail``: ``sqrt`` or ``log``; None means the ``probs`` code (``sqrt`` for
+    ``count``). ``bits``: 8 or 16 (both codes). ``log_range``: L of the ``log`` code.
+    """
 
     probs: str
     bits: int
     log_range: float | None = None
+    tail: str | None = None
+
+    @property
+    def tail_scheme(self) -> str:
+        if self.tail is not None:
+            return self.tail
+        return "sqrt" if self.probs == "count" else self.probs
 
 
 @dataclass
@@ -128,6 +144,7 @@ class Manifest:
     errors: dict[str, Any] = field(default_factory=lambda: {"files": [], "count": 0})
     columns: dict[str, bool] = field(default_factory=dict)
     index_dtype: str = ""
+    index_coding: str = INDEX_CODING
     hashes: dict[str, str] = field(default_factory=dict)
     created_by: str = ""
     created_at: str = ""
@@ -157,6 +174,11 @@ class Manifest:
                 f"{source}: store format version {version!r} is not supported by this kdstore "
                 f"(supports {list(SUPPORTED_VERSIONS)}); upgrade kdstore or re-create the store"
             )
+        if "index_coding" not in d:
+            raise StoreFormatError(
+                f"{source}: manifest has no 'index_coding' (written by a pre-release kdstore whose shards this "
+                f"version cannot decode); re-create the store"
+            )
         try:
             teacher = TeacherInfo(**d.pop("teacher"))
             selection = Selection(**d.pop("selection"))
@@ -172,10 +194,18 @@ class Manifest:
         self.selection.validate()
         if self.level not in LEVELS:
             raise StoreFormatError(f"{source}: unknown level {self.level!r}")
-        if self.quantization.probs not in ("log", "count") or self.quantization.bits not in (8, 16):
-            raise StoreFormatError(f"{source}: unknown quantization {self.quantization}")
-        if (self.quantization.probs == "count") != (self.selection.mode == "sample"):
+        q = self.quantization
+        if q.probs not in PROB_CODES or q.tail_scheme not in ("sqrt", "log") or q.bits not in (8, 16):
+            raise StoreFormatError(f"{source}: unknown quantization {q}; format v{FORMAT_VERSION} knows probs in {PROB_CODES}, tail in ('sqrt', 'log'), bits 8 or 16")
+        if (q.probs == "count") != (self.selection.mode == "sample"):
             raise StoreFormatError(f"{source}: 'count' quantization goes with selection mode 'sample' only")
+        if self.index_coding != INDEX_CODING:
+            raise StoreFormatError(f"{source}: unknown index coding {self.index_coding!r}; format v{FORMAT_VERSION} uses {INDEX_CODING!r}")
+        if not isinstance(self.teacher.vocab_size, int) or self.teacher.vocab_size < 1:
+            raise StoreFormatError(f"{source}: teacher.vocab_size must be a positive integer, got {self.teacher.vocab_size!r}")
+        want = str(index_dtype(self.teacher.vocab_size))
+        if self.index_dtype and self.index_dtype != want:
+            raise StoreFormatError(f"{source}: index_dtype {self.index_dtype!r} does not fit vocab size {self.teacher.vocab_size} (format v{FORMAT_VERSION} uses {want!r})")
         for s in self.shards:
             check_relative_path(s.file, source=source)
         for f in self.errors.get("files", []):
@@ -188,9 +218,12 @@ def check_relative_path(rel: str, *, source: str = "manifest.json") -> str:
         raise StoreFormatError(f"{source}: empty file name in manifest")
     if rel.startswith("/") or "://" in rel or (len(rel) > 1 and rel[1] == ":") or "\\" in rel:
         raise StoreFormatError(f"{source}: file path {rel!r} is absolute; manifest paths must be relative to the store root")
-    norm = posixpath.normpath(rel)
-    if norm.startswith("..") or "/../" in f"/{rel}/":
+    parts = rel.split("/")
+    if ".." in parts:
         raise StoreFormatError(f"{source}: file path {rel!r} escapes the store root ('..'); refusing to read it")
+    norm = posixpath.normpath(rel)
+    if norm in (".", ""):
+        raise StoreFormatError(f"{source}: file path {rel!r} names the store root, not a file")
     return norm
 
 
@@ -235,7 +268,19 @@ def arrow_schema(manifest: Manifest) -> pa.Schema:
         fields.append(pa.field("byte_end", pa.list_(pa.uint32())))
     if cols.get("label"):
         fields.append(pa.field("label", pa.int64()))
-    return pa.schema(fields, metadata={b"kdstore.format_version": str(FORMAT_VERSION).encode()})
+    return pa.schema(fields, metadata=shard_metadata(manifest))
+
+
+def shard_metadata(manifest: Manifest) -> dict[bytes, bytes]:
+    """Arrow schema metadata of every shard: enough to decode a shard found on its own."""
+    q = manifest.quantization
+    return {
+        b"kdstore.format_version": str(FORMAT_VERSION).encode(),
+        b"kdstore.index_coding": INDEX_CODING.encode(),
+        b"kdstore.probs": (q.probs if q.probs == "count" else f"{q.probs}{q.bits}").encode(),
+        b"kdstore.tail": f"{q.tail_scheme}{q.bits}".encode(),
+        b"kdstore.vocab_size": str(manifest.teacher.vocab_size).encode(),
+    }
 
 
 VOCAB_SCHEMA = pa.schema(

@@ -14,14 +14,17 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from kdstore import format as F
 from kdstore.errors import CorruptShardError, IncompleteStoreError, StoreFormatError
 from kdstore.fs import Location, resolve
-from kdstore.quant import LogQuantizer
+from kdstore.quant import delta_decode, quantizer
+from kdstore.rows import RawRows, _col, _list_parts  # noqa: F401  (RawRows, _list_parts re-exported)
 
 TARGET_COLUMNS = ("sample_id", "window", "token_start", "context_len", "tokens", "counts", "indices", "probs", "tail")
+IGNORE_LABEL = -100  # label of rows stored without one (the torch ignore_index)
 
 
 @dataclass
@@ -32,8 +35,9 @@ class DecodedRows:
     positions: ``[R+1]`` int64 offsets of each row's positions into the P axis.
     input_ids: ``[P]`` int64 teacher token ids (token level; empty otherwise).
     counts:    ``[P]`` int64 kept entries per position; ``entry_offsets`` ``[P+1]``.
-    indices:   ``[E]`` int64 teacher indices; probs ``[E]`` float32; tail ``[P]`` float32.
-    label:     ``[R]`` int64 or None.
+    indices:   ``[E]`` int64 teacher indices, ascending within each position.
+    probs:     ``[E]`` float32, with ``tail`` ``[P]`` float32 summing to 1 per position.
+    label:     ``[R]`` int64 (-100 where the row has none) or None without a label column.
     """
 
     sample_id: list[str]
@@ -53,6 +57,22 @@ class DecodedRows:
     def num_rows(self) -> int:
         return len(self.sample_id)
 
+    def to_torch(self) -> dict:
+        """The arrays as torch tensors (zero-copy): ``input_ids`` ``[P]``, ``positions``
+        ``[R+1]``, ``counts`` ``[P]``, ``entry_offsets`` ``[P+1]``, ``indices`` ``[E]`` long,
+        ``probs`` ``[E]`` float32, ``tail`` ``[P]`` float32, ``window``/``token_start``/
+        ``context_len`` (``label``) ``[R]``; plus ``sample_id`` (list). For padded ``[B, T, K]``
+        batches use :class:`kdstore.SoftLabelDataset`."""
+        import torch  # noqa: PLC0415
+
+        out = {"sample_id": self.sample_id}
+        for name in ("input_ids", "positions", "counts", "entry_offsets", "indices", "probs", "tail", "window",
+                     "token_start", "context_len", "label"):
+            v = getattr(self, name)
+            if v is not None:
+                out[name] = torch.from_numpy(np.ascontiguousarray(v))
+        return out
+
 
 class Store:
     """An opened store. Use :func:`kdstore.open`."""
@@ -60,7 +80,9 @@ class Store:
     def __init__(self, location: Location, manifest: F.Manifest) -> None:
         self.location = location
         self.manifest = manifest
-        self._quant = LogQuantizer(manifest.quantization.bits)
+        q = manifest.quantization
+        self._probs_q = None if q.probs == "count" else quantizer(q.probs, q.bits)
+        self._tail_q = quantizer(q.tail_scheme, q.bits)
 
     # -- metadata ----------------------------------------------------------------------
     @property
@@ -103,37 +125,60 @@ class Store:
         return table
 
     @cached_property
-    def _hash_lookup(self) -> tuple[np.ndarray, np.ndarray]:
+    def _hash_lookup(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Sorted hashes, their ids, and bucket starts over the top ``bits`` hash bits."""
         h = self.vocab.column("hash").to_numpy()
         ids = self.vocab.column("id").to_numpy().astype(np.int64)
         order = np.argsort(h, kind="stable")
-        return h[order], ids[order]
+        hs = h[order]
+        # xxh3 hashes are uniform: bucketing by the top bits (~2 slots per token) turns the
+        # lookup into 1-2 vectorised probes instead of a cache-unfriendly binary search.
+        bits = int(min(24, max(1, np.ceil(np.log2(max(2, len(hs)))) + 1)))
+        shift = np.uint64(64 - bits)
+        starts = np.searchsorted(hs >> shift, np.arange((1 << bits) + 1, dtype=np.uint64)).astype(np.int64)
+        return hs, ids[order], starts, bits
 
     def token_ids(self, hashes: np.ndarray, *, where: str = "") -> np.ndarray:
         """Reverse lookup: token hashes ``[N]`` uint64 -> teacher ids ``[N]`` int64."""
-        hs, ids = self._hash_lookup
+        hs, ids, starts, bits = self._hash_lookup
         hashes = np.asarray(hashes, dtype=np.uint64)
-        pos = np.searchsorted(hs, hashes)
-        pos_c = np.minimum(pos, len(hs) - 1)
-        bad = hs[pos_c] != hashes
+        if len(hashes) == 0:
+            return np.zeros(0, dtype=np.int64)
+        if len(hs) == 0:
+            raise StoreFormatError(f"{self.uri}{where}: the vocabulary table is empty; the store cannot map token hashes to ids")
+        bucket = (hashes >> np.uint64(64 - bits)).astype(np.int64)
+        lo, hi = starts[bucket], starts[bucket + 1]
+        out = np.full(len(hashes), -1, dtype=np.int64)
+        todo = np.arange(len(hashes))
+        j = 0
+        while len(todo):
+            cand = lo[todo] + j
+            live = cand < hi[todo]
+            if not live.any():
+                break
+            todo, cand = todo[live], cand[live]
+            hit = hs[cand] == hashes[todo]
+            out[todo[hit]] = ids[cand[hit]]
+            todo = todo[~hit]
+            j += 1
+        bad = out < 0
         if bad.any():
             raise StoreFormatError(
                 f"{self.uri}{where}: {int(bad.sum())} token hash(es) not in the vocabulary table "
                 f"(first: {int(hashes[bad][0]):#x}); the store's vocab.parquet does not belong to its shards"
             )
-        return ids[pos_c]
+        return out
 
     # -- reading -----------------------------------------------------------------------
     def shard_path(self, shard: F.ShardInfo) -> str:
         return self.location.join(F.check_relative_path(shard.file, source=f"{self.uri}/{F.MANIFEST}"))
 
-    def read_shard(self, i: int, *, columns: Sequence[str] | None = None) -> pa.Table:
-        """Read shard ``i`` (column-projected); errors name the file and the fix."""
+    def open_shard(self, i: int) -> pq.ParquetFile:
+        """Open shard ``i`` (footer read, schema checked; pages verified against their CRCs)."""
         shard = self.shards[i]
         path = self.shard_path(shard)
-        cols = self._existing(columns)
         try:
-            table = pq.read_table(path, columns=cols, filesystem=self.location.fs)
+            pf = pq.ParquetFile(path, filesystem=self.location.fs, page_checksum_verification=True)
         except FileNotFoundError as exc:
             raise CorruptShardError(f"{self.uri}/{shard.file}: shard listed in the manifest is missing; restore it or re-run the capture") from exc
         except (OSError, pa.ArrowInvalid) as exc:
@@ -141,9 +186,22 @@ class Store:
                 f"{self.uri}/{shard.file}: cannot read shard ({exc}); it is truncated or corrupt — "
                 f"run 'kd store verify {self.uri}' and re-run the capture with --resume"
             ) from exc
+        self._check_schema(pf.schema_arrow, shard.file)
+        return pf
+
+    def read_shard(self, i: int, *, columns: Sequence[str] | None = None) -> pa.Table:
+        """Read shard ``i`` (column-projected); errors name the file and the fix."""
+        shard = self.shards[i]
+        pf = self.open_shard(i)
+        try:
+            table = pf.read(columns=self._existing(columns))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise CorruptShardError(
+                f"{self.uri}/{shard.file}: cannot decode shard ({exc}); it is corrupt — "
+                f"run 'kd store verify {self.uri}' and re-run the capture with --resume"
+            ) from exc
         if table.num_rows != shard.rows:
-            raise CorruptShardError(f"{self.uri}/{shard.file}: {table.num_rows} rows but the manifest says {shard.rows}")
-        self._check_schema(table, shard.file)
+            raise CorruptShardError(f"{self.uri}/{shard.file}: {table.num_rows} rows but the manifest says {shard.rows}; the shard does not belong to this manifest")
         return table
 
     def iter_batches(self, *, columns: Sequence[str] | None = None, shards: Sequence[int] | None = None, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
@@ -151,19 +209,25 @@ class Store:
         cols = self._existing(columns)
         for i in range(len(self.shards)) if shards is None else shards:
             shard = self.shards[i]
-            try:
-                pf = pq.ParquetFile(self.shard_path(shard), filesystem=self.location.fs)
-                for b in pf.iter_batches(batch_size=batch_rows, columns=cols):
-                    self._check_schema(b, shard.file)
-                    yield b
-            except (OSError, pa.ArrowInvalid) as exc:
-                raise CorruptShardError(
-                    f"{self.uri}/{shard.file}: cannot read shard ({exc}); run 'kd store verify {self.uri}'"
-                ) from exc
+            pf = self.open_shard(i)
+            it = pf.iter_batches(batch_size=batch_rows, columns=cols)
+            while True:
+                try:
+                    b = next(it)
+                except StopIteration:
+                    break
+                except (OSError, pa.ArrowInvalid) as exc:
+                    raise CorruptShardError(
+                        f"{self.uri}/{shard.file}: cannot decode shard ({exc}); run 'kd store verify {self.uri}'"
+                    ) from exc
+                yield b
 
-    def iter_decoded(self, *, batch_rows: int = 1024, with_inputs: bool = True) -> Iterator[DecodedRows]:
-        for b in self.iter_batches(batch_rows=batch_rows):
-            yield self.decode(b, with_inputs=with_inputs)
+    def iter_decoded(self, *, batch_rows: int = 1024, with_inputs: bool = True, shards: Sequence[int] | None = None) -> Iterator[DecodedRows]:
+        """Decoded rows in store order (see :meth:`decode`)."""
+        cols = [c for c in TARGET_COLUMNS + ("label",) if with_inputs or c != "tokens"]
+        for i in range(len(self.shards)) if shards is None else shards:
+            for b in self.iter_batches(columns=cols, shards=[i], batch_rows=batch_rows):
+                yield self.decode(b, with_inputs=with_inputs, source=f"/{self.shards[i].file}")
 
     def _existing(self, columns: Sequence[str] | None) -> list[str] | None:
         if columns is None:
@@ -171,87 +235,151 @@ class Store:
         names = set(self.schema.names)
         return [c for c in columns if c in names]
 
-    def _check_schema(self, table, file: str) -> None:
+    def _check_schema(self, schema: pa.Schema, file: str) -> None:
+        """The file's Arrow schema must be the manifest's (names, types, coding metadata)."""
         expected = self.schema
-        for f in table.schema:
+        for f in schema:
             if f.name not in expected.names:
-                raise StoreFormatError(f"{self.uri}/{file}: unexpected column {f.name!r} for format v{F.FORMAT_VERSION}")
+                raise StoreFormatError(f"{self.uri}/{file}: unexpected column {f.name!r} for this manifest (format v{F.FORMAT_VERSION}); the shard does not belong to this store")
             want = expected.field(f.name).type
             if f.type != want:
                 raise StoreFormatError(
                     f"{self.uri}/{file}: column {f.name!r} has type {f.type}, expected {want} "
                     f"(the shard does not match the manifest; re-create the store)"
                 )
+        missing = [n for n in expected.names if n not in schema.names]
+        if missing:
+            raise StoreFormatError(f"{self.uri}/{file}: missing column(s) {missing}; the shard does not match the manifest, re-create the store")
+        meta = schema.metadata or {}
+        for key, value in (expected.metadata or {}).items():
+            if key in meta and meta[key] != value:
+                raise StoreFormatError(
+                    f"{self.uri}/{file}: shard metadata {key.decode()}={meta[key].decode()!r} but the manifest implies "
+                    f"{value.decode()!r}; the shard belongs to another store"
+                )
 
     # -- decoding ----------------------------------------------------------------------
     def decode(self, batch: pa.RecordBatch | pa.Table, *, with_inputs: bool = True, source: str = "") -> DecodedRows:
         """Dequantize a batch of rows (see :class:`DecodedRows`).
 
+        Entries of a position come in ascending teacher-index order (the storage order).
         Probabilities are dequantized and, per position, ``probs`` and ``tail`` are scaled
-        jointly to sum to 1 (the code's relative error otherwise leaves the sum off by up
-        to ~3 % at 8 bits). In ``sample`` mode ``probs = counts / samples`` exactly and the
-        returned ``tail`` is 0: the frequencies are the (unbiased) target.
+        jointly to sum to 1 (the code's error otherwise leaves the sum slightly off). In
+        ``sample`` mode ``probs = counts / samples`` exactly and the returned ``tail`` is 0:
+        the frequencies are the (unbiased) target. Structural inconsistencies (list lengths
+        that disagree, duplicate or out-of-range indices) raise :class:`StoreFormatError`
+        naming ``source``.
         """
+        return self.decode_raw(self.raw(batch, with_inputs=with_inputs, source=source), source=source)
+
+    def raw(self, batch: pa.RecordBatch | pa.Table, *, with_inputs: bool = True, source: str = "") -> "RawRows":
+        """Undecoded rows of a batch as flat numpy arrays (zero-copy where Arrow allows),
+        after checking that the list columns agree on positions and entries per row."""
         m = self.manifest
         sel = m.selection
-        tail_col = _list_parts(batch, "tail")
-        pos_off, tail_codes = tail_col
+        where = f"{self.uri}{source}"
+        pos_off, tail_codes = _list_parts(batch, "tail")
         n_pos = len(tail_codes)
-        e_off, idx = _list_parts(batch, "indices")
-        _, pcodes = _list_parts(batch, "probs")
+        e_off, gaps = _list_parts(batch, "indices")
+        pe_off, pcodes = _list_parts(batch, "probs")
+        counts = None
         if sel.variable:
-            _, counts = _list_parts(batch, "counts")
-            counts = counts.astype(np.int64)
+            c_off, counts = _list_parts(batch, "counts")
+            if not np.array_equal(c_off, pos_off):
+                raise StoreFormatError(f"{where}: 'counts' and 'tail' disagree on positions per row; the shard is corrupt")
+            entry_offsets = np.zeros(n_pos + 1, dtype=np.int64)
+            np.cumsum(counts, out=entry_offsets[1:])
+            row_e = entry_offsets[pos_off]
         else:
-            counts = np.full(n_pos, min(sel.k, m.teacher.vocab_size), dtype=np.int64)
-        entry_offsets = np.zeros(n_pos + 1, dtype=np.int64)
-        np.cumsum(counts, out=entry_offsets[1:])
-        if entry_offsets[-1] != len(idx):
-            raise StoreFormatError(f"{self.uri}{source}: per-position counts sum to {entry_offsets[-1]} but there are {len(idx)} entries")
-        idx = idx.astype(np.int64)
-        if len(idx) and int(idx.max()) >= m.teacher.vocab_size:
+            row_e = pos_off * min(sel.k, m.teacher.vocab_size)
+        if not np.array_equal(row_e, e_off) or not np.array_equal(pe_off, e_off):
             raise StoreFormatError(
-                f"{self.uri}{source}: index {int(idx.max())} >= teacher vocab size {m.teacher.vocab_size}; the shard is corrupt or from another teacher"
+                f"{where}: kept entries per row do not match the per-position counts ({int(row_e[-1])} expected, "
+                f"{len(gaps)} indices, {len(pcodes)} probs); the shard is corrupt"
             )
-        if sel.mode == "sample":
-            probs = pcodes.astype(np.float32) / np.float32(sel.samples)
-            tail = np.zeros(n_pos, dtype=np.float32)
-        else:
-            probs = self._quant.decode(pcodes)
-            tail = self._quant.decode(tail_codes)
-            total = np.add.reduceat(probs, entry_offsets[:-1]) if len(probs) else np.zeros(n_pos, np.float32)
-            total = total + tail
-            scale = np.where(total > 0, 1.0 / np.maximum(total, 1e-30), 1.0).astype(np.float32)
-            probs = probs * np.repeat(scale, counts)
-            tail = tail * scale
-        input_ids = np.zeros(0, dtype=np.int64)
-        if with_inputs and m.level == "token" and "tokens" in batch.schema.names:
-            _, hashes = _list_parts(batch, "tokens")
-            input_ids = self.token_ids(hashes, where=source)
+        tokens = None
         names = batch.schema.names
-        label = batch.column("label").to_numpy(zero_copy_only=False) if "label" in names else None
-        return DecodedRows(
-            sample_id=batch.column("sample_id").to_pylist(),
+        if with_inputs and m.level == "token" and "tokens" in names:
+            t_off, tokens = _list_parts(batch, "tokens")
+            if not np.array_equal(t_off, pos_off):
+                raise StoreFormatError(f"{where}: 'tokens' and 'tail' disagree on positions per row; the shard is corrupt")
+        label = None
+        if "label" in names:
+            label = np.array(pa.compute.fill_null(batch.column("label"), IGNORE_LABEL).to_numpy(zero_copy_only=False), dtype=np.int64)
+        return RawRows(
+            sample_id=np.array(batch.column("sample_id").to_pylist(), dtype=object),
             window=_col(batch, "window"), token_start=_col(batch, "token_start"), context_len=_col(batch, "context_len"),
-            positions=pos_off.astype(np.int64), input_ids=input_ids, counts=counts, entry_offsets=entry_offsets,
-            indices=idx, probs=probs.astype(np.float32, copy=False), tail=tail.astype(np.float32, copy=False),
-            label=None if label is None else np.asarray(label, dtype=np.int64),
+            pos_off=pos_off, counts=counts, gaps=gaps, pcodes=pcodes, tail_codes=tail_codes, tokens=tokens, label=label,
         )
 
-
-def _col(batch, name: str) -> np.ndarray:
-    return batch.column(name).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _list_parts(batch, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets [R+1] relative to the first value, flat values) of a list column."""
-    col = batch.column(name)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    offsets = col.offsets.to_numpy()
-    values = col.values.to_numpy(zero_copy_only=False)
-    start, end = int(offsets[0]), int(offsets[-1])
-    return (offsets - start).astype(np.int64), values[start:end]
+    def decode_raw(self, raw: "RawRows", *, source: str = "") -> DecodedRows:
+        """Decode :class:`RawRows` (see :meth:`decode`)."""
+        m = self.manifest
+        sel = m.selection
+        where = f"{self.uri}{source}"
+        n_pos = len(raw.tail_codes)
+        if raw.counts is None:
+            fixed_k = min(sel.k, m.teacher.vocab_size)
+            counts = np.full(n_pos, fixed_k, dtype=np.int64)
+        else:
+            fixed_k = 0
+            counts = raw.counts.astype(np.int64)
+        entry_offsets = np.zeros(n_pos + 1, dtype=np.int64)
+        np.cumsum(counts, out=entry_offsets[1:])
+        gaps = raw.gaps
+        if entry_offsets[-1] != len(gaps):
+            raise StoreFormatError(f"{where}: counts sum to {int(entry_offsets[-1])} but there are {len(gaps)} entries; the shard is corrupt")
+        if fixed_k and n_pos:
+            # Top-k: a [P, k] view; the cumulative sum restarts per row by construction.
+            g2 = gaps.reshape(n_pos, fixed_k)
+            idx2 = g2.astype(np.int64)
+            np.cumsum(idx2, axis=1, out=idx2)  # in place: ~8x faster than cumsum(dtype=...)
+            dup = bool((g2[:, 1:] == 0).any())
+            last = idx2[:, -1]
+            idx = idx2.ravel()
+        else:
+            idx = delta_decode(gaps, entry_offsets)
+            zero = gaps == 0
+            zero[entry_offsets[:-1][counts > 0]] = False
+            dup = bool(zero.any())
+            last = idx[entry_offsets[1:][counts > 0] - 1]
+        if len(idx):
+            if dup:
+                raise StoreFormatError(f"{where}: a position repeats a kept index (zero gap); the shard is corrupt")
+            top = int(last.max())  # indices ascend within a position
+            if top >= m.teacher.vocab_size:
+                raise StoreFormatError(
+                    f"{where}: index {top} >= teacher vocab size {m.teacher.vocab_size}; the shard is corrupt or from another teacher"
+                )
+        if sel.mode == "sample":
+            probs = raw.pcodes.astype(np.float32) / np.float32(sel.samples)
+            tail = np.zeros(n_pos, dtype=np.float32)
+        else:
+            probs = self._probs_q.decode(raw.pcodes)
+            tail = self._tail_q.decode(raw.tail_codes)
+            if fixed_k and n_pos:
+                kept = probs.reshape(n_pos, fixed_k).sum(axis=1, dtype=np.float32)
+            else:
+                kept = np.bincount(np.repeat(np.arange(n_pos), counts), weights=probs, minlength=n_pos).astype(np.float32)
+            total = kept + tail
+            scale = np.where(total > 0, 1.0 / np.maximum(total, 1e-30), 1.0).astype(np.float32)
+            if fixed_k and n_pos:
+                probs.reshape(n_pos, fixed_k)[...] *= scale[:, None]  # probs is a fresh array
+            else:
+                probs *= np.repeat(scale, counts)
+            tail = tail * scale
+        if raw.tokens is None:
+            input_ids = np.zeros(0, dtype=np.int64)
+        elif raw.tokens_are_ids:
+            input_ids = raw.tokens.astype(np.int64)
+        else:
+            input_ids = self.token_ids(raw.tokens, where=source)
+        return DecodedRows(
+            sample_id=list(raw.sample_id), window=raw.window, token_start=raw.token_start, context_len=raw.context_len,
+            positions=raw.pos_off, input_ids=input_ids, counts=counts, entry_offsets=entry_offsets,
+            indices=idx, probs=probs.astype(np.float32, copy=False), tail=tail.astype(np.float32, copy=False),
+            label=raw.label,
+        )
 
 
 def open(uri: str) -> Store:  # noqa: A001 - mirrors kdstore.open's public name

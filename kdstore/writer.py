@@ -3,7 +3,7 @@
 The pieces are usable separately so that a distributed capture (Beam) can encode and write
 shards on many workers and finalize the manifest once at the end:
 
-* :class:`RowEncoder` turns :class:`SoftLabelRow` objects into an Arrow table (vectorised
+* :class:`RowEncoder` (defined in :mod:`kdstore.encode`, re-exported here) turns :class:`SoftLabelRow` objects into an Arrow table (vectorised
   quantization and list building; validation with messages naming the sample).
 * :class:`ShardWriter` writes one Parquet shard (zstd), hashing bytes as they are written.
 * :func:`write_vocab`, :func:`write_dead_letters`, :func:`finalize` write the other parts;
@@ -18,7 +18,7 @@ import datetime as _dt
 import io
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -27,160 +27,16 @@ import pyarrow.parquet as pq
 import xxhash
 
 from kdstore import format as F
-from kdstore._version import __version__
+from kdstore.encode import RowEncoder, SoftLabelRow, new_manifest  # noqa: F401  (re-exported)
 from kdstore.errors import StoreFormatError
 from kdstore.fs import Location, resolve
-from kdstore.hashing import CHECKSUM, SAMPLE_ID_HASH, TOKEN_HASH, file_checksum, token_hashes
-from kdstore.quant import LogQuantizer
+from kdstore.hashing import CHECKSUM, file_checksum, token_hashes
 
 DEFAULT_SHARD_BYTES = 128 << 20
 DEFAULT_ROW_GROUP_ROWS = 1024
-
-
-@dataclass
-class SoftLabelRow:
-    """One stored row: a window of a sample (token level) or a whole sample (sequence level).
-
-    tokens:  ``[T]`` uint64 token hashes (empty allowed at sequence level).
-    counts:  ``[P]`` kept entries per position (P = T at token level, 1 at sequence level).
-    indices: ``[E]`` teacher ids, E = sum(counts), grouped by position, most probable first.
-    probs:   ``[E]`` float probabilities (``sample`` mode: frequencies counts/samples).
-    tail:    ``[P]`` float mass outside the kept entries.
-    byte_start / byte_end: ``[T]`` UTF-8 byte offsets of each token in ``text``.
-    """
-
-    sample_id: str
-    tokens: np.ndarray
-    counts: np.ndarray
-    indices: np.ndarray
-    probs: np.ndarray
-    tail: np.ndarray
-    window: int = 0
-    token_start: int = 0
-    context_len: int = 0
-    text: str | None = None
-    byte_start: np.ndarray | None = None
-    byte_end: np.ndarray | None = None
-    label: int | None = None
-
-
-def new_manifest(
-    *,
-    teacher: F.TeacherInfo,
-    selection: F.Selection,
-    bits: int = 8,
-    level: str = "token",
-    columns: dict[str, bool] | None = None,
-    pipeline: dict[str, Any] | None = None,
-) -> F.Manifest:
-    """A manifest with everything but shards/totals filled in (validated)."""
-    scheme = "count" if selection.mode == "sample" else "log"
-    m = F.Manifest(
-        teacher=teacher,
-        selection=selection,
-        quantization=F.Quantization(probs=scheme, bits=bits, log_range=LogQuantizer(bits).log_range),
-        level=level,
-        columns={"text": False, "offsets": False, "label": False, **(columns or {})},
-        index_dtype=str(np.dtype(F.index_dtype(teacher.vocab_size))),
-        hashes={"tokens": TOKEN_HASH, "sample_id": SAMPLE_ID_HASH, "checksum": CHECKSUM},
-        created_by=f"kdstore {__version__}",
-        pipeline=dict(pipeline or {}),
-    )
-    m.validate(source="new manifest")
-    return m
-
-
-class RowEncoder:
-    """Encode rows for one manifest's schema; all quantization happens here."""
-
-    def __init__(self, manifest: F.Manifest) -> None:
-        self.manifest = manifest
-        self.schema = F.arrow_schema(manifest)
-        self._quant = LogQuantizer(manifest.quantization.bits)
-        self._idx_dtype = manifest.index_np_dtype
-        self._prob_dtype = F.probs_dtype(manifest.quantization, manifest.selection)
-        self._sel = manifest.selection
-
-    def encode(self, rows: Sequence[SoftLabelRow]) -> pa.Table:
-        """Rows -> Arrow table with ``self.schema``; raises StoreFormatError naming the sample."""
-        m, sel = self.manifest, self._sel
-        vocab = m.teacher.vocab_size
-        for r in rows:
-            self._check_row(r, vocab)
-        tokens = [np.asarray(r.tokens, dtype=np.uint64) for r in rows]
-        counts = [np.asarray(r.counts, dtype=np.int64) for r in rows]
-        idx = np.concatenate([np.asarray(r.indices, dtype=np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
-        probs = np.concatenate([np.asarray(r.probs, dtype=np.float64) for r in rows]) if rows else np.zeros(0)
-        tail = np.concatenate([np.asarray(r.tail, dtype=np.float64) for r in rows]) if rows else np.zeros(0)
-        if sel.mode == "sample":
-            q_probs = np.rint(probs * sel.samples).astype(self._prob_dtype)
-        else:
-            q_probs = self._quant.encode(probs)
-        q_tail = self._quant.encode(np.clip(tail, 0.0, 1.0))
-        e_off = _offsets([int(c.sum()) for c in counts])
-        p_off = _offsets([len(c) for c in counts])
-        cols: dict[str, pa.Array] = {
-            "sample_id": pa.array([r.sample_id for r in rows], pa.string()),
-            "window": pa.array([r.window for r in rows], pa.uint32()),
-            "token_start": pa.array([r.token_start for r in rows], pa.uint32()),
-            "context_len": pa.array([r.context_len for r in rows], pa.uint32()),
-            "tokens": _list(_offsets([len(t) for t in tokens]), np.concatenate(tokens) if rows else np.zeros(0, np.uint64)),
-        }
-        if sel.variable:
-            cols["counts"] = _list(p_off, np.concatenate(counts).astype(np.uint16) if rows else np.zeros(0, np.uint16))
-        cols["indices"] = _list(e_off, idx.astype(self._idx_dtype))
-        cols["probs"] = _list(e_off, q_probs)
-        cols["tail"] = _list(p_off, q_tail)
-        if m.columns.get("text"):
-            cols["text"] = pa.array([r.text for r in rows], pa.string())
-        if m.columns.get("offsets"):
-            bs = [np.asarray(r.byte_start if r.byte_start is not None else [], np.uint32) for r in rows]
-            be = [np.asarray(r.byte_end if r.byte_end is not None else [], np.uint32) for r in rows]
-            cols["byte_start"] = _list(_offsets([len(b) for b in bs]), np.concatenate(bs) if rows else np.zeros(0, np.uint32))
-            cols["byte_end"] = _list(_offsets([len(b) for b in be]), np.concatenate(be) if rows else np.zeros(0, np.uint32))
-        if m.columns.get("label"):
-            cols["label"] = pa.array([r.label for r in rows], pa.int64())
-        return pa.Table.from_arrays([cols[f.name] for f in self.schema], schema=self.schema)
-
-    def _check_row(self, r: SoftLabelRow, vocab: int) -> None:
-        sid = r.sample_id
-        counts = np.asarray(r.counts)
-        n_pos = len(counts)
-        where = f"sample {sid!r} window {r.window}"
-        if len(r.tail) != n_pos:
-            raise StoreFormatError(f"{where}: {len(r.tail)} tail values for {n_pos} positions")
-        if self.manifest.level == "token" and len(r.tokens) != n_pos:
-            raise StoreFormatError(f"{where}: {len(r.tokens)} tokens but {n_pos} positions")
-        if self.manifest.level == "sequence" and n_pos != 1:
-            raise StoreFormatError(f"{where}: a sequence-level row has exactly 1 position, got {n_pos}")
-        if int(counts.sum()) != len(r.indices) or len(r.indices) != len(r.probs):
-            raise StoreFormatError(f"{where}: counts sum to {int(counts.sum())} but {len(r.indices)} indices / {len(r.probs)} probs")
-        if n_pos and counts.min() < 1:
-            raise StoreFormatError(f"{where}: every position must keep at least one entry")
-        if n_pos and counts.max() > self._sel.max_kept:
-            raise StoreFormatError(f"{where}: {int(counts.max())} kept entries exceed the mode's maximum {self._sel.max_kept}")
-        if self._sel.mode == "topk" and n_pos and (counts != min(self._sel.k, vocab)).any():
-            raise StoreFormatError(f"{where}: top-k rows keep exactly k={self._sel.k} entries per position")
-        idx = np.asarray(r.indices)
-        if len(idx) and (idx.min() < 0 or idx.max() >= vocab):
-            raise StoreFormatError(f"{where}: index {int(idx.max() if idx.max() >= vocab else idx.min())} outside the teacher vocabulary [0, {vocab})")
-        for name, arr in (("probs", r.probs), ("tail", r.tail)):
-            a = np.asarray(arr, dtype=np.float64)
-            if len(a) and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 1 + 1e-5):
-                raise StoreFormatError(f"{where}: {name} must be finite probabilities in [0, 1]")
-        if r.context_len > n_pos:
-            raise StoreFormatError(f"{where}: context_len {r.context_len} > {n_pos} positions")
-
-
-def _offsets(lengths: Iterable[int]) -> np.ndarray:
-    lengths = np.fromiter(lengths, dtype=np.int64)
-    out = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
-def _list(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values))
+# zstd level of shards: 9 is ~1-2 % smaller than 3 on soft labels at a write cost that is
+# negligible next to teacher inference; decode speed does not depend on the level.
+ZSTD_LEVEL = 9
 
 
 class _HashingSink(io.RawIOBase):
@@ -211,33 +67,53 @@ class _HashingSink(io.RawIOBase):
         return f"{CHECKSUM}:{self._hash.hexdigest()}"
 
 
-def parquet_options(manifest: F.Manifest, *, compression_level: int = 3) -> dict[str, Any]:
+def parquet_options(manifest: F.Manifest, *, compression_level: int = ZSTD_LEVEL) -> dict[str, Any]:
     """Parquet writer settings of format v1 (measured in ``bench/store_bench.py``).
 
-    Dictionary encoding only where values repeat heavily (token hashes); indices and codes
-    are PLAIN + zstd, which beat dictionary and delta encodings on bytes and decode speed.
+    * ``indices`` (gaps), ``probs``, ``tail``, ``counts``: BYTE_STREAM_SPLIT + zstd. Parquet
+      stores every uint8/uint16 as a 4-byte INT32, and plain zstd on interleaved bytes barely
+      compresses (2.0 B per uint16 index); split byte streams make the zero high bytes free
+      and let zstd entropy-code each byte plane.
+    * ``tokens`` (uint64 hashes): dictionary, with a dictionary page large enough for a
+      512k-token vocabulary (the 1 MiB default falls back to 8-byte PLAIN above ~131k
+      distinct tokens per row group).
+    * ``byte_start``/``byte_end`` (increasing per row): DELTA_BINARY_PACKED.
+    * Page CRC32 checksums, so a reader detects flipped bits in the page that holds them.
     """
+    names = set(F.arrow_schema(manifest).names)
+    enc = {f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in ("counts", "indices", "probs", "tail") if c in names}
+    enc.update({f"{c}.list.element": "DELTA_BINARY_PACKED" for c in ("byte_start", "byte_end") if c in names})
     return dict(
         compression="zstd",
         compression_level=compression_level,
         use_dictionary=["tokens.list.element"],
+        column_encoding=enc,
+        dictionary_pagesize_limit=4 << 20,
         write_statistics=["window", "token_start", "context_len"],
         data_page_size=1 << 20,
+        write_page_checksum=True,
     )
 
 
 class ShardWriter:
-    """Write one Parquet shard; ``close()`` returns its :class:`~kdstore.format.ShardInfo`."""
+    """Write one Parquet shard; ``close()`` returns its :class:`~kdstore.format.ShardInfo`.
 
-    def __init__(self, *, location: Location, rel_path: str, manifest: F.Manifest, compression_level: int = 3) -> None:
+    Each :meth:`write_table` call becomes one row group (callers batch rows: see
+    ``StoreWriter.row_group_rows``); bytes are hashed (xxh3-128) as they are written.
+    """
+
+    def __init__(self, *, location: Location, rel_path: str, manifest: F.Manifest, compression_level: int = ZSTD_LEVEL) -> None:
         F.check_relative_path(rel_path)
         self.rel_path = rel_path
         self.manifest = manifest
+        self._schema = F.arrow_schema(manifest)
         location.makedirs(rel_path.rpartition("/")[0] or "")
         self._sink = _HashingSink(location.fs.open_output_stream(location.join(rel_path)))
-        self._writer = pq.ParquetWriter(
-            self._sink, F.arrow_schema(manifest), **parquet_options(manifest, compression_level=compression_level)
-        )
+        try:
+            self._writer = pq.ParquetWriter(self._sink, self._schema, **parquet_options(manifest, compression_level=compression_level))
+        except Exception:
+            self._sink.close()
+            raise
         self.rows = self.tokens = self.entries = 0
 
     @property
@@ -245,10 +121,14 @@ class ShardWriter:
         return self._sink.nbytes
 
     def write_table(self, table: pa.Table) -> None:
-        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+        if table.schema.remove_metadata() != self._schema.remove_metadata():
+            raise StoreFormatError(f"{self.rel_path}: table schema does not match the manifest's:\n{table.schema}\nexpected:\n{self._schema}")
+        if table.num_rows == 0:
+            return
+        self._writer.write_table(table, row_group_size=table.num_rows)
         self.rows += table.num_rows
-        self.tokens += _num_positions(table)
-        self.entries += len(table.column("indices").combine_chunks().values) if table.num_rows else 0
+        self.tokens += _list_total(table.column("tail"))
+        self.entries += _list_total(table.column("indices"))
 
     def close(self) -> F.ShardInfo:
         self._writer.close()
@@ -265,9 +145,14 @@ class ShardWriter:
             self._sink.close()
 
 
-def _num_positions(table: pa.Table) -> int:
-    tail = table.column("tail").combine_chunks()
-    return int(len(tail.values)) if table.num_rows else 0
+def _list_total(col: pa.ChunkedArray | pa.Array) -> int:
+    """Number of values in a list column (respects slices, unlike ``.values``)."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    total = 0
+    for c in chunks:
+        if len(c):
+            total += c.offsets[len(c)].as_py() - c.offsets[0].as_py()
+    return total
 
 
 def shard_name(prefix: str = "part") -> str:
@@ -360,32 +245,44 @@ class StoreWriter:
     Rows are buffered and written in row groups of ``row_group_rows``; shards roll over at
     ``shard_bytes``. The manifest is written by ``close()`` (on a clean ``with`` exit) and
     last: a crash leaves a store without manifest, which readers reject as incomplete.
+    ``overwrite=True`` replaces an existing (or incomplete) store: its manifest is deleted
+    first, so readers never see the old manifest next to new shards.
     """
 
     uri: str
+    _: KW_ONLY
     teacher: F.TeacherInfo
     selection: F.Selection
     bits: int = 8
+    scheme: str = "sqrt"
     level: str = "token"
     columns: dict[str, bool] | None = None
     pipeline: dict[str, Any] | None = None
     shard_bytes: int = DEFAULT_SHARD_BYTES
     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS
-    compression_level: int = 3
+    compression_level: int = ZSTD_LEVEL
     overwrite: bool = False
     shard_prefix: str = "part"
     _buffer: list[SoftLabelRow] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.uri = str(self.uri)
         self.location = resolve(self.uri)
-        if self.location.exists(F.MANIFEST) and not self.overwrite:
-            raise FileExistsError(f"{self.uri}: a store already exists here; pass overwrite=True or choose another path")
-        self.location.makedirs()
+        # Validate everything before touching the filesystem.
         self.manifest = new_manifest(
             teacher=self.teacher, selection=self.selection, bits=self.bits, level=self.level,
-            columns=self.columns, pipeline=self.pipeline,
+            columns=self.columns, pipeline=self.pipeline, scheme=self.scheme,
         )
         self.encoder = RowEncoder(self.manifest)
+        old = [F.MANIFEST] if self.location.exists(F.MANIFEST) else []
+        old += self.location.list(F.SHARD_DIR) + self.location.list(F.ERROR_DIR)
+        if old and not self.overwrite:
+            what = "a store" if old[0] == F.MANIFEST else "an incomplete store (shards without a manifest)"
+            raise FileExistsError(f"{self.uri}: {what} already exists here; pass overwrite=True to replace it, or choose another path")
+        if old:
+            for rel in old + ([F.VOCAB] if self.location.exists(F.VOCAB) else []):
+                self.location.fs.delete_file(self.location.join(rel))  # manifest first: see docstring
+        self.location.makedirs()
         self._shards: list[F.ShardInfo] = []
         self._current: ShardWriter | None = None
         self._vocab: dict[str, Any] | None = None
@@ -395,18 +292,24 @@ class StoreWriter:
 
     # -- public ------------------------------------------------------------------------
     def write(self, rows: Iterable[SoftLabelRow]) -> None:
+        """Buffer rows (validated and encoded per row group; errors name the sample)."""
+        if self._closed:
+            raise RuntimeError(f"{self.uri}: the writer is closed")
         for r in rows:
             self._buffer.append(r)
             if len(self._buffer) >= self.row_group_rows:
                 self._flush()
 
     def write_vocab(self, table: pa.Table) -> None:
+        """Write the teacher vocabulary table (see :func:`vocab_table`)."""
         self._vocab = write_vocab(self.location, table)
 
     def dead_letter(self, *, reason: str, sample_id: str | None = None, source: str | None = None, **extra: Any) -> None:
+        """Record a rejected sample (written to ``errors/`` and counted in the manifest)."""
         self._errors.append({"reason": reason, "sample_id": sample_id, "source": source, **extra})
 
     def close(self) -> F.Manifest:
+        """Flush, close the last shard, write dead letters, then the manifest (last)."""
         if self._closed:
             return self.manifest
         self._flush()
@@ -425,6 +328,7 @@ class StoreWriter:
         if self._current is not None:
             self._current.abort()
             self._current = None
+        self._buffer = []
         self._closed = True
 
     def __enter__(self) -> "StoreWriter":
@@ -440,8 +344,8 @@ class StoreWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        table = self.encoder.encode(self._buffer)
-        self._buffer = []
+        buffer, self._buffer = self._buffer, []
+        table = self.encoder.encode(buffer)
         if self._current is None:
             self._current = ShardWriter(
                 location=self.location, rel_path=f"{F.SHARD_DIR}/{self.shard_prefix}-{self._seq:05d}.parquet",

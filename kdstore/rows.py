@@ -1,0 +1,130 @@
+"""Undecoded rows as flat numpy arrays (:class:`RawRows`) and the Arrow list helpers the
+reader uses. Re-exported by :mod:`kdstore.store`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass
+class RawRows:
+    """Undecoded rows (R rows, P positions, E entries) as flat numpy arrays.
+
+    pos_off ``[R+1]``; counts ``[P]`` (None for top-k); gaps, pcodes ``[E]`` stored codes;
+    tail_codes ``[P]``; tokens ``[P]`` hashes (or teacher ids when ``tokens_are_ids``) or
+    None; sample_id object ``[R]``; window/token_start/context_len/label ``[R]``.
+    """
+
+    sample_id: np.ndarray
+    window: np.ndarray
+    token_start: np.ndarray
+    context_len: np.ndarray
+    pos_off: np.ndarray
+    counts: np.ndarray | None
+    gaps: np.ndarray
+    pcodes: np.ndarray
+    tail_codes: np.ndarray
+    tokens: np.ndarray | None = None
+    label: np.ndarray | None = None
+    tokens_are_ids: bool = False
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.sample_id)
+
+    def take(self, rows: np.ndarray, *, fixed_k: int = 0) -> "RawRows":
+        """Rows ``rows`` (in that order) gathered into new arrays. ``fixed_k``: entries per
+        position when ``counts`` is None (top-k)."""
+        return RawRows.gather([(self, rows)], fixed_k=fixed_k)
+
+    def _row_entries(self, fixed_k: int) -> np.ndarray:
+        """``[R+1]`` offsets of each row's entries (cached)."""
+        if self.counts is None:
+            return self.pos_off * fixed_k
+        cached = self.__dict__.get("_row_e")
+        if cached is None:
+            e_off = np.zeros(len(self.counts) + 1, dtype=np.int64)
+            np.cumsum(self.counts, out=e_off[1:])
+            cached = self.__dict__["_row_e"] = e_off[self.pos_off]
+        return cached
+
+    @staticmethod
+    def gather(parts: Sequence[tuple["RawRows", np.ndarray]], *, fixed_k: int = 0) -> "RawRows":
+        """Rows of several sources, concatenated in order: ``[(raw, rows), ...]``.
+
+        Rows are contiguous ranges of positions and entries, so a row is copied as a slice
+        (one ``np.concatenate`` per column) instead of element-wise fancy indexing.
+        """
+        pos_sl, ent_sl = [], []
+        for raw, rows in parts:
+            rows = np.asarray(rows, dtype=np.int64)
+            re = raw._row_entries(fixed_k)
+            pos_sl.append((raw, raw.pos_off[rows].tolist(), raw.pos_off[rows + 1].tolist()))
+            ent_sl.append((raw, re[rows].tolist(), re[rows + 1].tolist()))
+
+        def cat(spans, name):
+            first = getattr(parts[0][0], name)
+            if first is None:
+                return None
+            pieces = [getattr(raw, name)[a:b] for raw, starts, ends in spans for a, b in zip(starts, ends)]
+            return np.concatenate(pieces) if pieces else first[:0]
+
+        rowcat = lambda name: None if getattr(parts[0][0], name) is None else np.concatenate(  # noqa: E731
+            [getattr(raw, name)[np.asarray(rows, dtype=np.int64)] for raw, rows in parts])
+        lengths = np.concatenate([np.asarray(e) - np.asarray(s) for _, s, e in pos_sl]) if pos_sl else np.zeros(0, np.int64)
+        pos_off = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=pos_off[1:])
+        return RawRows(
+            sample_id=rowcat("sample_id"), window=rowcat("window"), token_start=rowcat("token_start"),
+            context_len=rowcat("context_len"), pos_off=pos_off, counts=cat(pos_sl, "counts"), gaps=cat(ent_sl, "gaps"),
+            pcodes=cat(ent_sl, "pcodes"), tail_codes=cat(pos_sl, "tail_codes"), tokens=cat(pos_sl, "tokens"),
+            label=rowcat("label"), tokens_are_ids=parts[0][0].tokens_are_ids,
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["RawRows"]) -> "RawRows":
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        lengths = np.concatenate([np.diff(p.pos_off) for p in parts])
+        pos_off = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=pos_off[1:])
+        return RawRows(
+            sample_id=cat("sample_id"), window=cat("window"), token_start=cat("token_start"), context_len=cat("context_len"),
+            pos_off=pos_off, counts=cat("counts"), gaps=cat("gaps"), pcodes=cat("pcodes"), tail_codes=cat("tail_codes"),
+            tokens=cat("tokens"), label=cat("label"), tokens_are_ids=parts[0].tokens_are_ids,
+        )
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, e)`` for each pair, vectorised (int64)."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    out = np.ones(total, dtype=np.int64)
+    first = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=first[1:])
+    nz = lengths > 0
+    out[first[:-1][nz]] = starts[nz] - np.concatenate([[0], ends[nz][:-1] - 1])
+    out[0] = starts[nz][0]
+    return np.cumsum(out)
+
+
+def _col(batch, name: str) -> np.ndarray:
+    return batch.column(name).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _list_parts(batch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [R+1] relative to the first value, flat values) of a list column."""
+    col = batch.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy(zero_copy_only=False)
+    start, end = int(offsets[0]), int(offsets[-1])
+    return (offsets - start).astype(np.int64), values[start:end]
