@@ -22,6 +22,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/store_bench.py
+	$(BIN)/python bench/capture_bench.py
+	$(BIN)/python bench/align_bench.py
+	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/rdrop_bench.py
+	$(BIN)/python bench/cascade_bench.py
 
 clean-venv:
 	rm -rf $(VENV)

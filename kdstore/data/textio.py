@@ -1,0 +1,295 @@
+"""Readers for user corpora: plain text, JSONL and Parquet, local paths or remote URIs.
+
+Every input unit (a line, a JSON object, a Parquet row) becomes either a :class:`Record`
+or a :class:`DeadLetter` naming its source location (``path:N``, N the 1-based line or row
+number) and the reason it was rejected, so counts always add up: units read = records +
+dead letters. File-level problems (no file matches, unreadable file, a Parquet file
+without the text column) raise :class:`CorpusError` instead, since no per-record answer
+exists for them.
+
+Used by the Beam capture pipeline (one file per DoFn call) and by plain Python code (the
+plain-loop baseline, trainers) through :func:`iter_records`.
+
+Remote files go through :mod:`kdstore.fs` (pyarrow filesystems: ``gs://``, ``s3://``,
+``hdfs://``, or fsspec); ``.gz``/``.bz2``/``.zst`` text is decompressed by extension.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob as _glob
+import io
+import json
+import os
+import posixpath
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence, Union
+
+import pyarrow.fs as pafs
+
+from kdstore.hashing import sample_id as _sample_id
+
+FORMATS = ("auto", "text", "jsonl", "parquet")
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+_GLOB_CHARS = set("*?[")
+
+
+class CorpusError(ValueError):
+    """A corpus file (not a single record) cannot be read; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input sample.
+
+    ``sample_id`` is the content hash of (``source_id``, ``text``) (see
+    :func:`kdstore.hashing.sample_id`); ``source`` is ``path:N`` for error messages;
+    ``label`` an optional integer class id (sequence-level gold label).
+    """
+
+    text: str
+    sample_id: str
+    source: str
+    source_id: str | None = None
+    label: int | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A rejected input unit (or window): why, where, and which sample if known."""
+
+    reason: str
+    source: str
+    sample_id: str | None = None
+    stage: str = "read"
+    window: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+Parsed = Union[Record, DeadLetter]
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    """How records are parsed.
+
+    format: ``auto`` (by extension: ``.jsonl/.json/.ndjson`` JSONL, ``.parquet/.pq``
+    Parquet, anything else plain text, one sample per line), or one of text/jsonl/parquet.
+    text_field / id_field / label_field: JSON keys or Parquet columns (ignored for text).
+    """
+
+    format: str = "auto"
+    text_field: str = "text"
+    id_field: str | None = None
+    label_field: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"input format must be one of {FORMATS}, got {self.format!r}")
+
+    def format_of(self, path: str) -> str:
+        if self.format != "auto":
+            return self.format
+        name = path.lower()
+        for suffix in _COMPRESSED:
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+        if name.endswith(_JSONL_SUFFIXES):
+            return "jsonl"
+        if name.endswith(_PARQUET_SUFFIXES):
+            return "parquet"
+        return "text"
+
+
+# -- files ---------------------------------------------------------------------------------
+def _open_fs(path: str) -> tuple[pafs.FileSystem, str]:
+    from kdstore.fs import resolve  # noqa: PLC0415 - keep import of this module light
+
+    loc = resolve(path)
+    return loc.fs, loc.root
+
+
+def expand_inputs(patterns: str | Sequence[str]) -> list[str]:
+    """Expand globs (``*``, ``?``, ``[..]``, ``**``) over local paths or URIs.
+
+    ``patterns`` is one pattern, a comma-separated string, or a list. Returns sorted,
+    de-duplicated file paths; raises :class:`CorpusError` when a pattern matches nothing.
+    """
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p.strip()]
+    out: list[str] = []
+    for pat in patterns:
+        pat = pat.strip()
+        if "://" not in pat:
+            if _GLOB_CHARS & set(pat):
+                matches = [p for p in _glob.glob(pat, recursive=True) if os.path.isfile(p)]
+            else:
+                matches = [pat] if os.path.isfile(pat) else []
+            matches = [os.path.abspath(p) for p in matches]
+        else:
+            matches = _expand_remote(pat)
+        if not matches:
+            raise CorpusError(f"no input file matches {pat!r}; check the path or glob (quote it so the shell does not expand it)")
+        out.extend(sorted(matches))
+    return sorted(dict.fromkeys(out))
+
+
+def _expand_remote(pattern: str) -> list[str]:
+    scheme, _, rest = pattern.partition("://")
+    if not _GLOB_CHARS & set(rest):
+        fs, path = _open_fs(pattern)
+        return [pattern] if fs.get_file_info(path).type == pafs.FileType.File else []
+    # The directory part before the first glob character is listed recursively.
+    first = min(i for i, c in enumerate(rest) if c in _GLOB_CHARS)
+    base = rest[: first].rpartition("/")[0]
+    fs, root = _open_fs(f"{scheme}://{base}")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    out = []
+    for fi in infos:
+        if fi.type != pafs.FileType.File:
+            continue
+        uri = f"{scheme}://{base}/{posixpath.relpath(fi.path, root)}"
+        if fnmatch.fnmatchcase(uri, pattern):
+            out.append(uri)
+    return out
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """``(line_number, raw bytes without the line terminator)`` for a text file (streamed)."""
+    fs, p = _open_fs(path)
+    try:
+        stream = fs.open_input_stream(p, compression="detect")
+    except (OSError, ValueError) as exc:
+        raise CorpusError(f"{path}: cannot open input file ({exc})") from exc
+    with stream:
+        reader = io.BufferedReader(stream, buffer_size=1 << 20)
+        for n, raw in enumerate(reader, 1):
+            yield n, raw.rstrip(b"\r\n")
+
+
+# -- record parsing -------------------------------------------------------------------------
+def _decode(raw: bytes, source: str) -> str | DeadLetter:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return DeadLetter(reason=f"undecodable: not valid UTF-8 at byte {exc.start} ({exc.reason})", source=source)
+
+
+def parse_text_line(raw: bytes, source: str) -> Parsed:
+    """One line of a plain-text corpus (terminator already removed)."""
+    text = _decode(raw, source)
+    if isinstance(text, DeadLetter):
+        return text
+    if not text.strip():
+        return DeadLetter(reason="empty line", source=source)
+    return Record(text=text, sample_id=_sample_id(text), source=source)
+
+
+def _label(value: Any, field: str, source: str, sid: str) -> int | None | DeadLetter:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return DeadLetter(reason=f"label field {field!r} is not an integer class id: {value!r}", source=source, sample_id=sid)
+
+
+def _record(text: Any, source_id: Any, label: Any, spec: ReaderSpec, source: str) -> Parsed:
+    if text is None:
+        return DeadLetter(reason=f"field {spec.text_field!r} is missing or null", source=source)
+    if not isinstance(text, str):
+        return DeadLetter(reason=f"field {spec.text_field!r} is not a string ({type(text).__name__})", source=source)
+    if not text.strip():
+        return DeadLetter(reason="empty text", source=source)
+    sid_src = None if source_id is None else str(source_id)
+    if spec.id_field and sid_src is None:
+        return DeadLetter(reason=f"missing id field {spec.id_field!r}", source=source)
+    sid = _sample_id(text, sid_src)
+    lab = _label(label, spec.label_field or "", source, sid) if spec.label_field else None
+    if isinstance(lab, DeadLetter):
+        return lab
+    return Record(text=text, sample_id=sid, source=source, source_id=sid_src, label=lab)
+
+
+def parse_json_line(raw: bytes, source: str, spec: ReaderSpec) -> Parsed:
+    """One line of a JSONL corpus: an object with ``spec.text_field`` (and optional id/label)."""
+    line = _decode(raw, source)
+    if isinstance(line, DeadLetter):
+        return line
+    if not line.strip():
+        return DeadLetter(reason="empty line", source=source)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return DeadLetter(reason=f"malformed JSON: {exc.msg} at column {exc.colno}", source=source)
+    if not isinstance(obj, dict):
+        return DeadLetter(reason=f"JSON value is a {type(obj).__name__}, expected an object with field {spec.text_field!r}", source=source)
+    if spec.text_field not in obj:
+        return DeadLetter(reason=f"missing field {spec.text_field!r}", source=source)
+    return _record(
+        obj[spec.text_field], obj.get(spec.id_field) if spec.id_field else None,
+        obj.get(spec.label_field) if spec.label_field else None, spec, source,
+    )
+
+
+def iter_parquet(path: str, spec: ReaderSpec, *, batch_rows: int = 8192) -> Iterator[Parsed]:
+    """Rows of a Parquet file (streamed by record batch); source is ``path:row`` (1-based)."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    fs, p = _open_fs(path)
+    try:
+        pf = pq.ParquetFile(p, filesystem=fs)
+    except (OSError, ValueError) as exc:
+        raise CorpusError(f"{path}: cannot read Parquet file ({exc})") from exc
+    names = pf.schema_arrow.names
+    wanted = [c for c in (spec.text_field, spec.id_field, spec.label_field) if c]
+    missing = [c for c in wanted if c not in names]
+    if spec.text_field in missing or (spec.id_field and spec.id_field in missing):
+        raise CorpusError(f"{path}: no column(s) {missing} (columns: {names}); pass --text-field/--id-field naming existing columns")
+    cols = [c for c in dict.fromkeys(wanted) if c in names]
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+        data = {c: batch.column(c).to_pylist() for c in cols}
+        for i in range(batch.num_rows):
+            row += 1
+            source = f"{path}:{row}"
+            yield _record(
+                data[spec.text_field][i], data[spec.id_field][i] if spec.id_field else None,
+                data[spec.label_field][i] if spec.label_field in data else None, spec, source,
+            )
+
+
+def iter_file(path: str, spec: ReaderSpec | None = None) -> Iterator[Parsed]:
+    """Records and dead letters of one file, in file order."""
+    spec = spec or ReaderSpec()
+    fmt = spec.format_of(path)
+    if fmt == "parquet":
+        yield from iter_parquet(path, spec)
+        return
+    for n, raw in iter_lines(path):
+        source = f"{path}:{n}"
+        yield parse_json_line(raw, source, spec) if fmt == "jsonl" else parse_text_line(raw, source)
+
+
+def iter_records(patterns: str | Sequence[str], spec: ReaderSpec | None = None) -> Iterator[Parsed]:
+    """Records and dead letters of every file matching ``patterns`` (sorted file order)."""
+    for path in expand_inputs(patterns):
+        yield from iter_file(path, spec)
+
+
+def read_records(patterns: str | Sequence[str], spec: ReaderSpec | None = None) -> tuple[list[Record], list[DeadLetter]]:
+    """Convenience for small corpora: all records and all dead letters, as two lists."""
+    good: list[Record] = []
+    bad: list[DeadLetter] = []
+    for item in iter_records(patterns, spec):
+        (good if isinstance(item, Record) else bad).append(item)
+    return good, bad

@@ -1,0 +1,200 @@
+"""Teacher forward + sparse selection on the model's device (used by the Beam model handler
+and by the plain-loop baseline, so both compute exactly the same thing).
+
+Only small arrays leave the device: per window ``indices [E]``, ``probs [E]``,
+``counts [P]`` and ``tail [P]``, never the ``[P, V]`` logits.
+
+Batching: a call gets any list of windows (a Beam batch under a token budget). Windows are
+grouped by *padded length bucket* (their length rounded up to ``pad_multiple``), and each
+group runs in micro-batches of at most ``micro_batch_tokens`` padded tokens. A window is
+always padded to the same bucket, whatever else is in its batch: on CPU this makes its
+logits bit-identical across runs and batch compositions (measured in
+``tests/test_capture.py``), so two captures of the same corpus store identical codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+
+from kdstore.format import Selection
+from pipelines.teacher import TeacherSpec
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class SparseOutput:
+    """Kept entries of one window (or one sample at sequence level).
+
+    indices: ``[E]`` int32 teacher ids (class ids at sequence level), grouped by position.
+    probs:   ``[E]`` float32 probabilities (``sample`` mode: counts / samples).
+    counts:  ``[P]`` int32 kept entries per position.
+    tail:    ``[P]`` float32 mass outside the kept entries.
+    """
+
+    indices: np.ndarray
+    probs: np.ndarray
+    counts: np.ndarray
+    tail: np.ndarray
+
+
+Output = Union[SparseOutput, str]  # a str is the reason a window failed (dead letter)
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """micro_batch_tokens: padded tokens per forward pass; pad_multiple: bucket width;
+    select_rows: positions per selection chunk (bounds the fp32 ``[rows, V]`` softmax)."""
+
+    micro_batch_tokens: int = 4096
+    pad_multiple: int = 32
+    select_rows: int = 4096
+
+
+def bucket_length(n: int, pad_multiple: int) -> int:
+    return max(pad_multiple, -(-n // pad_multiple) * pad_multiple)
+
+
+class TeacherRunner:
+    """A loaded teacher that turns token-id windows into sparse soft labels.
+
+    One instance per model copy. ``infer`` is serialised by a lock: with ``large_model``
+    all SDK processes call into one copy, and one forward at a time using all cores (CPU)
+    or the whole device (GPU) is faster than interleaved ones.
+    """
+
+    def __init__(
+        self,
+        *,
+        teacher: TeacherSpec,
+        selection: Selection,
+        batch: BatchSpec | None = None,
+        pad_id: int = 0,
+        progress: bool = False,
+    ) -> None:
+        import torch  # noqa: PLC0415
+
+        self.teacher = teacher
+        self.selection = selection
+        self.batch = batch or BatchSpec()
+        self.pad_id = int(pad_id)
+        self.model = teacher.load_model()
+        self.device = next(self.model.parameters()).device
+        self.level = teacher.level
+        self._lock = threading.Lock()
+        self._torch = torch
+        cfg = self.model.config
+        # Sequence classifiers find the last real token via pad_token_id; without one they
+        # cannot batch, so such models run one sample per forward.
+        self._seq_can_batch = self.level != "sequence" or getattr(cfg, "pad_token_id", None) is not None
+        if self.level == "sequence" and self._seq_can_batch:
+            self.pad_id = int(cfg.pad_token_id)
+        self.tokens_done = 0
+        self.seconds = 0.0
+        self._bar = None
+        if progress:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            self._bar = tqdm(desc="teacher tokens", unit="tok", unit_scale=True, mininterval=2.0, smoothing=0.1)
+
+    # -- public ---------------------------------------------------------------------------
+    def infer(self, ids: Sequence[np.ndarray], keys: Sequence[int]) -> list[Output]:
+        """Sparse outputs for windows ``ids[i]`` (int token ids ``[T_i]``); ``keys[i]`` seeds
+        sample-mode draws. Failures are returned as reason strings, not raised."""
+        with self._lock:
+            t0 = time.perf_counter()
+            out: list[Output | None] = [None] * len(ids)
+            lengths = np.array([len(x) for x in ids], dtype=np.int64)
+            if self._seq_can_batch:
+                buckets = np.array([bucket_length(int(n), self.batch.pad_multiple) for n in lengths])
+            else:  # a classifier without pad_token_id reads the last position: never pad
+                buckets = lengths.copy()
+            # Deterministic grouping: by bucket, then by input order within the bucket.
+            for b in np.unique(buckets):
+                members = np.flatnonzero(buckets == b)
+                per = max(1, self.batch.micro_batch_tokens // int(b)) if self._seq_can_batch else 1
+                for j in range(0, len(members), per):
+                    group = members[j : j + per].tolist()
+                    self._run_group(group, ids, keys, int(b), out)
+            n_tok = int(lengths.sum())
+            self.tokens_done += n_tok
+            self.seconds += time.perf_counter() - t0
+            if self._bar is not None:
+                self._bar.update(n_tok)
+            return out  # type: ignore[return-value]
+
+    def stats(self) -> dict[str, float]:
+        return {"tokens": self.tokens_done, "seconds": self.seconds}
+
+    # -- private --------------------------------------------------------------------------
+    def _run_group(self, group: list[int], ids, keys, padded: int, out: list) -> None:
+        try:
+            results = self._forward_select([ids[i] for i in group], [keys[i] for i in group], padded)
+        except Exception as exc:  # noqa: BLE001 - model errors become dead letters, per window
+            if len(group) == 1:
+                out[group[0]] = f"model error: {type(exc).__name__}: {str(exc)[:300]}"
+                return
+            _LOG.warning("teacher forward failed for a micro-batch of %d windows (%s); retrying one by one", len(group), exc)
+            for i in group:
+                self._run_group([i], ids, keys, padded, out)
+            return
+        for i, r in zip(group, results):
+            out[i] = r
+
+    def _forward_select(self, ids: list[np.ndarray], keys: list[int], padded: int) -> list[Output]:
+        torch = self._torch
+        from kdstore.selection import sample_uniforms, select  # noqa: PLC0415
+
+        n = len(ids)
+        lens = [len(x) for x in ids]
+        x = np.full((n, padded), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, padded), dtype=np.int64)
+        for r, a in enumerate(ids):
+            x[r, : len(a)] = a
+            mask[r, : len(a)] = 1
+        sel = self.selection
+        with torch.inference_mode():
+            xt = torch.from_numpy(x).to(self.device)
+            mt = torch.from_numpy(mask).to(self.device)
+            logits = self.model(input_ids=xt, attention_mask=mt).logits
+            if self.level == "sequence":
+                rows = logits  # [n, C]
+                positions = [1] * n
+            else:
+                rows = logits[mt.bool()]  # [sum(lens), V], window by window, position order
+                positions = lens
+            finite = torch.isfinite(rows).all(dim=-1).cpu().numpy()
+            uniforms = None
+            if sel.mode == "sample":
+                uniforms = torch.from_numpy(sample_uniforms(list(keys), positions, sel.samples, sel.seed or 0))
+            parts = []
+            step = self.batch.select_rows
+            for r0 in range(0, rows.shape[0], step):
+                chunk = rows[r0 : r0 + step]
+                u = None if uniforms is None else uniforms[r0 : r0 + step].to(chunk.device)
+                sp = select(
+                    torch.nan_to_num(chunk.float(), nan=0.0, posinf=0.0, neginf=0.0), mode=sel.mode, k=sel.k, p=sel.p,
+                    max_k=sel.max_k, samples=sel.samples, temperature=sel.temperature, uniforms=u,
+                )
+                parts.append(sp.flat())
+        idx = np.concatenate([p[0] for p in parts]).astype(np.int32)
+        probs = np.concatenate([p[1] for p in parts]).astype(np.float32)
+        counts = np.concatenate([p[2] for p in parts]).astype(np.int32)
+        tail = np.concatenate([p[3] for p in parts]).astype(np.float32)
+        pos_off = np.concatenate([[0], np.cumsum(positions)])
+        ent_off = np.concatenate([[0], np.cumsum(counts)])
+        results: list[Output] = []
+        for w in range(n):
+            p0, p1 = pos_off[w], pos_off[w + 1]
+            if not finite[p0:p1].all():
+                results.append(f"model error: non-finite logits at {int((~finite[p0:p1]).sum())} position(s)")
+                continue
+            e0, e1 = ent_off[p0], ent_off[p1]
+            results.append(SparseOutput(indices=idx[e0:e1], probs=probs[e0:e1], counts=counts[p0:p1], tail=tail[p0:p1]))
+        return results

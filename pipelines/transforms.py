@@ -1,0 +1,396 @@
+"""Composite PTransforms of the capture pipeline (stable labels; heavy state in ``setup``).
+
+    files ─ ReadCorpus ─┬─ records ─ Dedupe ─ Tokenize ─┬─ windows ─ TeacherInference ─ WriteShards ─┬─ shard infos ─┐
+                        └─ dead ────────────────────────┴─ dead ─────────────────────────────────────────┴─ WriteDeadLetters ─ FinalizeStore
+
+Dead letters of every stage are flattened into one ``WriteDeadLetters``; ``FinalizeStore``
+waits (side inputs) for all shard infos, dead-letter files and counts, then writes the
+manifest once.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from typing import Any, Iterator
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils import shared
+
+from kdstore import format as F
+from kdstore.data.textio import DeadLetter, ReaderSpec, Record, iter_file
+from kdstore.errors import StoreFormatError
+from kdstore.fs import resolve
+from pipelines import sinks
+from pipelines.model_handler import SoftLabelModelHandler
+from pipelines.teacher import byte_len_of_id, hash_of_id
+from pipelines.windows import WindowSpec, make_windows, tokenize_batch, tokenizer_from_json
+
+_LOG = logging.getLogger(__name__)
+NS = "kdstore_capture"
+DEAD = "dead"
+WINDOW_STAGES = ("inference", "encode")  # dead letters of one window, not of a whole sample
+
+
+def _counter(name: str):
+    return Metrics.counter(NS, name)
+
+
+# -- read ---------------------------------------------------------------------------------------
+class _ReadFileDoFn(beam.DoFn):
+    def __init__(self, spec: ReaderSpec) -> None:
+        self._spec = spec
+        self._records = _counter("records_read")
+        self._dead = _counter("dead_letters")
+
+    def process(self, path: str) -> Iterator[Any]:
+        for item in iter_file(path, self._spec):
+            if isinstance(item, Record):
+                self._records.inc()
+                yield item
+            else:
+                self._dead.inc()
+                yield beam.pvalue.TaggedOutput(DEAD, item.to_dict())
+
+
+class ReadCorpus(beam.PTransform):
+    """File paths -> ``Record`` (main) and dead-letter dicts (tag ``dead``)."""
+
+    def __init__(self, spec: ReaderSpec) -> None:
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, files):
+        return files | "ReadFiles" >> beam.ParDo(_ReadFileDoFn(self._spec)).with_outputs(DEAD, main="records")
+
+
+# -- dedupe ----------------------------------------------------------------------------------------
+def _first_of_group(kv: tuple[str, Any]) -> Iterator[Record]:
+    _, group = kv
+    group = list(group)
+    if len(group) > 1:
+        _counter("duplicates").inc(len(group) - 1)
+    # Deterministic choice among identical-content records: the first source location.
+    yield min(group, key=lambda r: r.source)
+
+
+class Dedupe(beam.PTransform):
+    """Keep one record per sample id (exact duplicates share an id). The shuffle also
+    spreads records evenly over workers; without dedupe a Reshuffle does that."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        super().__init__()
+        self._enabled = enabled
+
+    def expand(self, records):
+        if not self._enabled:
+            return records | "Spread" >> beam.Reshuffle()
+        return (
+            records
+            | "KeyById" >> beam.Map(lambda r: (r.sample_id, r))
+            | "GroupById" >> beam.GroupByKey()
+            | "FirstOfGroup" >> beam.FlatMap(_first_of_group)
+        )
+
+
+# -- tokenize + window -----------------------------------------------------------------------------
+class _WindowDoFn(beam.DoFn):
+    """Records -> windows (dead letters for empty/over-long); skips windows already stored."""
+
+    BUFFER = 256
+
+    def __init__(self, *, tokenizer_json: str, spec: WindowSpec, store_uri: str, resume_shards: list[str]) -> None:
+        self._tokenizer_json = tokenizer_json
+        self._spec = spec
+        self._store_uri = store_uri
+        self._resume_shards = resume_shards
+        self._shared = shared.Shared()
+        self._windows = _counter("windows")
+        self._tokens = _counter("tokens")
+        self._skipped = _counter("windows_skipped_resume")
+        self._dead = _counter("dead_letters")
+
+    def setup(self) -> None:
+        # The backend tokenizer from its JSON: no transformers import on this worker.
+        self._tok = tokenizer_from_json(self._tokenizer_json)
+        self._byte_len = byte_len_of_id(_read_vocab(self._store_uri)) if self._spec.offsets else None
+        self._done = None
+        if self._resume_shards:
+            # One copy of the stored keys per process, shared by the DoFn instances of its threads.
+            tag = f"{self._store_uri}#{len(self._resume_shards)}#{self._resume_shards[0]}"
+            self._done_ref = self._shared.acquire(
+                lambda: _Keys(sinks.stored_window_keys(self._store_uri, self._resume_shards)), tag=tag)
+            self._done = self._done_ref.keys
+
+    def start_bundle(self) -> None:
+        self._buf: list[Record] = []
+
+    def process(self, record: Record) -> Iterator[Any]:
+        self._buf.append(record)
+        if len(self._buf) >= self.BUFFER:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        for item in self._flush():
+            yield GlobalWindows.windowed_value(item) if not isinstance(item, beam.pvalue.TaggedOutput) else \
+                beam.pvalue.TaggedOutput(item.tag, GlobalWindows.windowed_value(item.value))
+
+    def _flush(self) -> Iterator[Any]:
+        if not self._buf:
+            return
+        records, self._buf = self._buf, []
+        ids, spans = tokenize_batch(self._tok, [r.text for r in records], offsets=self._spec.offsets)
+        for rec, rid, sp in zip(records, ids, spans):
+            res = make_windows(rec, rid, sp, self._spec, byte_len=self._byte_len)
+            if isinstance(res, DeadLetter):
+                self._dead.inc()
+                yield beam.pvalue.TaggedOutput(DEAD, res.to_dict())
+                continue
+            if self._done is not None:
+                stored = sinks.contains(self._done, sinks.window_keys([w.sample_id for w in res], [w.window for w in res]))
+                if stored.any():
+                    self._skipped.inc(int(stored.sum()))
+                    res = [w for w, s in zip(res, stored) if not s]
+            for w in res:
+                self._windows.inc()
+                self._tokens.inc(len(w.input_ids))
+                yield w
+
+
+class _Keys:
+    """Holder of the sorted stored-window keys (``Shared`` needs a weak-referenceable object)."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.keys = keys
+
+
+def _read_vocab(uri: str):
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    loc = resolve(uri)
+    return pq.read_table(loc.join(F.VOCAB), filesystem=loc.fs)
+
+
+class Tokenize(beam.PTransform):
+    """Records -> ``Window`` (main) and dead letters (tag ``dead``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self._kwargs = kwargs
+
+    def expand(self, records):
+        return records | "TokenizeAndWindow" >> beam.ParDo(_WindowDoFn(**self._kwargs)).with_outputs(DEAD, main="windows")
+
+
+# -- inference -------------------------------------------------------------------------------------
+class TeacherInference(beam.PTransform):
+    """Windows -> ``(Window, SparseOutput | failure reason)`` through ``RunInference``."""
+
+    def __init__(self, handler: SoftLabelModelHandler) -> None:
+        super().__init__()
+        self._handler = handler
+
+    def expand(self, windows):
+        return windows | "RunInference" >> RunInference(self._handler)
+
+
+# -- shards ----------------------------------------------------------------------------------------
+class _WriteShardsDoFn(beam.DoFn):
+    """Buffers rows, encodes them in large tables (one row group each) and writes shards.
+
+    A shard is opened per bundle and closed in ``finish_bundle`` (or when it reaches
+    ``shard_bytes``); its :class:`ShardInfo` is emitted then. A retried bundle writes new
+    files; the failed attempt's files are not listed and are removed at finalize.
+    """
+
+    def __init__(self, *, store_uri: str, manifest_json: str, row_group_rows: int, shard_bytes: int) -> None:
+        self._uri = store_uri
+        self._manifest_json = manifest_json
+        self._row_group_rows = row_group_rows
+        self._shard_bytes = shard_bytes
+        self._rows_c = _counter("rows_written")
+        self._bytes_c = _counter("bytes_written")
+        self._dead = _counter("dead_letters")
+
+    def setup(self) -> None:
+        from kdstore.writer import RowEncoder  # noqa: PLC0415
+
+        self._loc = resolve(self._uri)
+        self._manifest = F.Manifest.from_json(self._manifest_json)
+        self._encoder = RowEncoder(self._manifest)
+        self._hash_of_id = hash_of_id(_read_vocab(self._uri))
+        self._prefix = f"part-{uuid.uuid4().hex[:8]}"
+
+    def start_bundle(self) -> None:
+        self._rows: list = []
+        self._writer = None
+        self._samples = 0
+
+    def process(self, item) -> Iterator[Any]:
+        window, out = item
+        if isinstance(out, str):
+            self._dead.inc()
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(reason=out, source=window.source, sample_id=window.sample_id,
+                                                            stage="inference", window=window.window).to_dict())
+            return
+        row = sinks.to_row(window, out, self._hash_of_id, level=self._manifest.level, columns=self._manifest.columns)
+        try:
+            self._encoder.check_row(row)  # one bad row becomes a dead letter instead of failing the bundle
+        except StoreFormatError as exc:
+            self._dead.inc()
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(reason=f"encode error: {exc}", source=window.source,
+                                                            sample_id=window.sample_id, stage="encode", window=window.window).to_dict())
+            return
+        self._rows.append(row)
+        if len(self._rows) >= self._row_group_rows:
+            yield from self._flush(final=False)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        for info in self._flush(final=True):
+            yield GlobalWindows.windowed_value(info)
+
+    def _flush(self, *, final: bool) -> Iterator[dict]:
+        from kdstore.writer import ShardWriter, shard_name  # noqa: PLC0415
+
+        if self._rows:
+            rows, self._rows = self._rows, []
+            self._samples += sum(1 for r in rows if r.window == 0)
+            table = self._encoder.encode(rows)
+            if self._writer is None:
+                self._writer = ShardWriter(location=self._loc, rel_path=shard_name(self._prefix), manifest=self._manifest)
+            self._writer.write_table(table)
+            self._rows_c.inc(table.num_rows)
+        if self._writer is not None and (final or self._writer.bytes_written >= self._shard_bytes):
+            info = self._writer.close()
+            self._writer = None
+            self._bytes_c.inc(info.bytes)
+            yield {"shard": info.__dict__, "samples": self._samples}
+            self._samples = 0
+
+    def teardown(self) -> None:
+        if getattr(self, "_writer", None) is not None:
+            self._writer.abort()
+
+
+class WriteShards(beam.PTransform):
+    """``(Window, output)`` -> shard info dicts (main) and inference dead letters (tag ``dead``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self._kwargs = kwargs
+
+    def expand(self, results):
+        return results | "EncodeAndWrite" >> beam.ParDo(_WriteShardsDoFn(**self._kwargs)).with_outputs(DEAD, main="shards")
+
+
+# -- dead letters ----------------------------------------------------------------------------------
+class _WriteDeadLettersDoFn(beam.DoFn):
+    def __init__(self, store_uri: str) -> None:
+        self._uri = store_uri
+
+    def setup(self) -> None:
+        self._loc = resolve(self._uri)
+
+    def start_bundle(self) -> None:
+        self._buf: list[dict] = []
+
+    def process(self, record: dict) -> None:
+        self._buf.append(record)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        from kdstore.writer import write_dead_letters  # noqa: PLC0415
+
+        if not self._buf:
+            return
+        records = sorted(self._buf, key=lambda r: (r.get("source", ""), r.get("window", 0)))
+        self._buf = []
+        rel = write_dead_letters(self._loc, records, name=f"errors-{uuid.uuid4().hex[:16]}")
+        reasons = Counter(_reason_kind(r["reason"]) for r in records)
+        # Inference/encode failures are per window: the error rate counts each failed sample once.
+        per_window = [r.get("stage") in WINDOW_STAGES for r in records]
+        inference = sorted({r["sample_id"] for r, w in zip(records, per_window) if w})
+        yield GlobalWindows.windowed_value({
+            "file": rel, "count": len(records), "reasons": dict(reasons), "inference_samples": inference,
+            "other": len(records) - sum(per_window),
+        })
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons for the summary: the text before the first ':' ("malformed JSON", ...)."""
+    return reason.split(":", 1)[0]
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Dead-letter dicts -> ``errors/*.jsonl`` files, one per bundle; emits file infos."""
+
+    def __init__(self, store_uri: str) -> None:
+        super().__init__()
+        self._uri = store_uri
+
+    def expand(self, dead):
+        return dead | "WriteErrorFiles" >> beam.ParDo(_WriteDeadLettersDoFn(self._uri))
+
+
+# -- finalize --------------------------------------------------------------------------------------
+class _FinalizeDoFn(beam.DoFn):
+    def __init__(self, *, store_uri: str, manifest_json: str, vocab_entry: dict, resume: dict, max_error_rate: float) -> None:
+        self._uri = store_uri
+        self._manifest_json = manifest_json
+        self._vocab_entry = vocab_entry
+        self._resume = resume
+        self._max_error_rate = max_error_rate
+
+    def process(self, _, shards: list[dict], errors: list[dict], n_read: int, n_read_dead: int, n_unique: int) -> Iterator[dict]:
+        manifest = F.Manifest.from_json(self._manifest_json)
+        m = sinks.finalize_store(
+            self._uri, manifest, vocab_entry=self._vocab_entry, resume=sinks.ResumeState.from_json(self._resume),
+            new_shards=[F.ShardInfo(**s["shard"]) for s in shards], new_samples=sum(s["samples"] for s in shards),
+            error_files=errors, input_records=n_read + n_read_dead, duplicates=n_read - n_unique,
+            max_error_rate=self._max_error_rate,
+        )
+        yield m.totals
+
+
+class FinalizeStore(beam.PTransform):
+    """Collects everything and writes the manifest once (after all shards are written)."""
+
+    def __init__(self, *, shards, errors, records, read_dead, unique, **kwargs: Any) -> None:
+        super().__init__()
+        self._pcolls = (shards, errors, records, read_dead, unique)
+        self._kwargs = kwargs
+
+    def expand(self, pbegin):
+        shards, errors, records, read_dead, unique = self._pcolls
+        all_shards = shards | "CollectShards" >> beam.combiners.ToList()
+        all_errors = errors | "CollectErrorFiles" >> beam.combiners.ToList()
+        n_read = records | "CountRecords" >> beam.combiners.Count.Globally()
+        n_dead = read_dead | "CountReadDeadLetters" >> beam.combiners.Count.Globally()
+        n_unique = unique | "CountUnique" >> beam.combiners.Count.Globally()
+        return (
+            pbegin
+            | "Trigger" >> beam.Create([None])
+            | "WriteManifest" >> beam.ParDo(
+                _FinalizeDoFn(**self._kwargs), beam.pvalue.AsSingleton(all_shards), beam.pvalue.AsSingleton(all_errors),
+                beam.pvalue.AsSingleton(n_read), beam.pvalue.AsSingleton(n_dead), beam.pvalue.AsSingleton(n_unique),
+            )
+        )
+
+
+def metrics_summary(result) -> dict[str, int]:
+    """Counter values of a finished pipeline (committed where supported, else attempted)."""
+    out: dict[str, int] = {}
+    try:
+        res = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NS))
+    except Exception:  # noqa: BLE001 - some runners do not report metrics
+        return out
+    for c in res.get("counters", []):
+        v = c.committed if c.committed is not None else c.attempted
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(v or 0)
+    return out
+
+
