@@ -1,0 +1,578 @@
+"""``kd train rdrop``: R-Drop fine-tuning across segmentation granularities (seed 000).
+
+Each training sample is cut into two different token sequences (word / mixed / char, ...; see
+:mod:`trainer.segment`) and each sequence goes through the same classifier in training mode, so
+every forward pass draws its own dropout mask: two sub-models of one network. The loss is::
+
+    w_ce * 0.5 * (CE(p1, y) + CE(p2, y))
+  + w_kl * 0.5 * (KL(p1 || p2) + KL(p2 || p1))
+  + w_teacher * T^2 * 0.5 * (KL(t_T || p1_T) + KL(t_T || p2_T))      (optional teacher term)
+
+With ``passes=1`` (and ``w_kl=0``) the same loop is the plain cross-entropy baseline; with one
+deterministic granularity (``train_segs=char``) it is the original R-Drop (Liang et al. 2021),
+where only the dropout masks differ.
+
+``kd train rdrop [key=value ...] [--teacher-probs FILE] [--resume RUN_DIR]``; ``--print-config``
+lists the keys. Outputs in ``out_dir`` (as ``kd train student``): ``config.json``,
+``metrics.jsonl`` (one JSON object per event), ``checkpoints/ckpt-<step>.pt`` (model, optimizer,
+scheduler, RNG states and config; ``torch.load(weights_only=True)``), ``model/`` (a
+:class:`~trainer.classifiers.TextClassifier` directory), ``result.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer import checkpoint as ckpt_io
+from trainer.classifiers import (
+    ClassifierConfig,
+    TextClassifier,
+    build_classifier,
+    classification_metrics,
+    count_parameters,
+    pad_batch,
+    predict_proba_ids,
+)
+from trainer.classify_data import ClassificationData, Example, load_classification_data, load_teacher_probs_jsonl, take
+from trainer.config import apply_overrides, format_config, from_dict, to_dict
+from trainer.segment import STOCHASTIC, BPEDropoutSegmenter, SegmentationSampler, Vocab
+
+
+@dataclass
+class RDropConfig:
+    """Every knob of ``kd train rdrop`` (flat; override with ``key=value``)."""
+
+    # -- data ------------------------------------------------------------------------------
+    data: str = "sentiment"  # "sentiment" or a .jsonl / .parquet file of text + label
+    eval_data: str = ""  # held-out file; empty: split `data` 80/10/10 by content hash
+    test_data: str = ""  # defaults to eval_data
+    text_field: str = "text"
+    label_field: str = "label"
+    words_field: str = ""  # optional gold segmentation (list of strings) in user files
+    on_error: str = "raise"  # bad records: "raise", or "skip" (counted, written to rejects.jsonl)
+    train_limit: int = 0  # train on a fixed subset of this many examples (0 = all)
+    eval_limit: int = 0  # cap validation and test sizes (0 = all)
+    # -- segmentation and vocabulary -------------------------------------------------------
+    train_segs: str = "word,mixed,char"  # granularities the two views are drawn from
+    eval_segs: str = "char"  # deterministic granularities to evaluate on; the first is primary
+    p_split: float = 0.5  # mixed: probability of splitting a word into characters
+    p_cut: float = 0.3  # random: cut probability per character boundary
+    bpe_vocab: int = 8000  # bpe: trained vocabulary size (must exceed the character count)
+    bpe_dropout: float = 0.1  # bpe: merge dropout
+    min_word_freq: int = 2  # multi-character tokens seen this often get their own id
+    max_vocab: int = 60000
+    max_len: int = 128  # tokens per view after back-off (also the transformer's positions)
+    # -- model (trainer.classifiers.ClassifierConfig) --------------------------------------
+    arch: str = "transformer"  # transformer | bilstm | textcnn
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    dropout: float = 0.1
+    lstm_hidden: int = 128
+    cnn_kernels: str = "3,4,5"
+    cnn_channels: int = 100
+    # -- loss ------------------------------------------------------------------------------
+    passes: int = 2  # 2 = R-Drop; 1 = single-pass cross-entropy baseline
+    w_ce: float = 1.0
+    w_kl: float = 1.0
+    w_teacher: float = 0.0
+    teacher_temperature: float = 1.0
+    teacher_probs: str = ""  # JSONL of {"text", "probs"} class soft labels
+    # -- optimisation ----------------------------------------------------------------------
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50  # linear warm-up, then linear decay to 0 at `steps`
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads (0 = default; 1 is fastest on a busy shared CPU)
+    # -- loop ------------------------------------------------------------------------------
+    out_dir: str = "runs/rdrop"
+    log_every: int = 20
+    eval_every: int = 200  # 0 = only at the end
+    eval_batch_size: int = 128
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to `steps`
+    resume: str = ""  # checkpoint file or run directory to continue from
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.passes not in (1, 2):
+            raise ValueError(f"passes must be 1 (CE baseline) or 2 (R-Drop), got {self.passes}")
+        if self.passes == 1 and self.w_kl:
+            raise ValueError("w_kl needs two passes: set passes=2, or w_kl=0 for the CE baseline")
+        if min(self.w_ce, self.w_kl, self.w_teacher) < 0:
+            raise ValueError("loss weights w_ce, w_kl, w_teacher must be >= 0")
+        if self.teacher_probs and not self.w_teacher:
+            raise ValueError("teacher_probs is set but w_teacher=0: set w_teacher>0 to use the teacher term")
+        if self.w_teacher and not self.teacher_probs:
+            raise ValueError("w_teacher>0 needs teacher soft labels: pass --teacher-probs FILE")
+        if self.teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
+        for key in ("steps", "batch_size", "max_len", "eval_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.train_seg_list() or not self.eval_seg_list():
+            raise ValueError("train_segs and eval_segs each need at least one granularity")
+        bad = [g for g in self.eval_seg_list() if g in STOCHASTIC]
+        if bad:
+            raise ValueError(f"eval_segs must be deterministic (char, word, jieba); got {bad}")
+
+    def train_seg_list(self) -> list[str]:
+        return [g.strip() for g in self.train_segs.split(",") if g.strip()]
+
+    def eval_seg_list(self) -> list[str]:
+        return [g.strip() for g in self.eval_segs.split(",") if g.strip()]
+
+
+# =========================================================================================
+# The loss
+# =========================================================================================
+@dataclass
+class RDropLoss:
+    """Scalar fp32 tensors: ``total`` (what is minimised) and its unweighted, detached parts."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+    teacher: torch.Tensor
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities [B, C] -> [B], with 0 * log 0 = 0."""
+    return torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def rdrop_loss(
+    logits1: torch.Tensor,
+    logits2: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    w_ce: float = 1.0,
+    w_kl: float = 1.0,
+    teacher_probs: torch.Tensor | None = None,
+    teacher_mask: torch.Tensor | None = None,
+    w_teacher: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> RDropLoss:
+    """R-Drop loss for classification, computed in fp32.
+
+    Args:
+        logits1, logits2: [B, C] logits of the two passes; ``logits2=None`` gives plain CE.
+        labels: [B] class ids; rows equal to ``ignore_index`` add nothing to CE.
+        teacher_probs: [B, C] teacher class probabilities (rows sum to 1), optional.
+        teacher_mask: [B] bool, the rows that have teacher probabilities (default: all).
+        temperature: T of the teacher term; teacher and student are both softened by T
+            (teacher: p^(1/T) renormalised) and the term is scaled by T^2 (Hinton et al.).
+
+    Returns:
+        :class:`RDropLoss` in nats: ``ce`` = mean over passes of CE averaged over labelled rows;
+        ``kl`` = 0.5 * (KL(p1||p2) + KL(p2||p1)) averaged over rows; ``teacher`` = T^2 * mean
+        over passes of KL(t_T || p_T) averaged over rows with a teacher; ``total`` = the
+        weighted sum. A part without contributing rows is 0, never NaN.
+    """
+    passes = [logits1.float()] if logits2 is None else [logits1.float(), logits2.float()]
+    zero = passes[0].new_zeros(())
+    n_valid = (labels != ignore_index).sum()
+    ce = zero
+    if n_valid > 0:
+        ce = sum(F.cross_entropy(lg, labels, ignore_index=ignore_index, reduction="sum") for lg in passes)
+        ce = ce / (len(passes) * n_valid)
+    kl = zero
+    if len(passes) == 2:
+        lp1, lp2 = (F.log_softmax(lg, dim=-1) for lg in passes)
+        kl = 0.5 * (_kl_rows(lp1, lp2) + _kl_rows(lp2, lp1)).mean()
+    teacher = zero
+    if teacher_probs is not None and w_teacher:
+        mask = torch.ones_like(labels, dtype=torch.bool) if teacher_mask is None else teacher_mask.bool()
+        if mask.any():
+            log_t = F.log_softmax(torch.log(teacher_probs.float()[mask]) / temperature, dim=-1)
+            parts = [_kl_rows(log_t, F.log_softmax(lg[mask] / temperature, dim=-1)).mean() for lg in passes]
+            teacher = temperature**2 * sum(parts) / len(parts)
+    total = w_ce * ce + w_kl * kl + w_teacher * teacher
+    return RDropLoss(total=total, ce=ce.detach(), kl=kl.detach(), teacher=teacher.detach())
+
+
+# =========================================================================================
+# Set-up helpers
+# =========================================================================================
+def _batches(lengths: Sequence[int], batch_size: int, seed: int, *, pool: int = 50) -> Iterator[list[int]]:
+    """Endless, reproducible index batches. Each epoch is shuffled (by ``seed`` and the epoch),
+    cut into pools of ``pool`` batches, each pool sorted by length (attention cost grows with
+    the longest row, so similar lengths waste less padding), and a pool's batches are yielded
+    in random order. Batch ``k`` depends only on ``seed`` and ``k``: resuming skips ahead."""
+    epoch = 0
+    while True:
+        rng = random.Random(seed * 1_000_003 + epoch)
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        for s in range(0, len(order), batch_size * pool):
+            chunk = sorted(order[s : s + batch_size * pool], key=lambda i: lengths[i])
+            group = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+            rng.shuffle(group)
+            yield from group
+        epoch += 1
+
+
+def _build_sampler(cfg: RDropConfig, train: list[Example]) -> SegmentationSampler:
+    bpe = None
+    if "bpe" in cfg.train_seg_list():
+        bpe = BPEDropoutSegmenter.train((ex.text for ex in train), vocab_size=cfg.bpe_vocab, dropout=cfg.bpe_dropout)
+    return SegmentationSampler(granularities=cfg.train_seg_list(), p_split=cfg.p_split, p_cut=cfg.p_cut, bpe=bpe)
+
+
+def _vocab_segmentations(cfg: RDropConfig, train: list[Example], sampler: SegmentationSampler) -> Iterator[tuple[str, ...]]:
+    """Deterministic segmentations of the training texts at every granularity in use: chars
+    always; words when a word-based granularity is used; undropped BPE for ``bpe``. (``random``
+    cuts are not counted: their pieces back off to characters unless they are known words.)"""
+    grans = set(cfg.train_seg_list()) | set(cfg.eval_seg_list())
+    rng = random.Random(0)
+    for ex in train:
+        yield tuple(ex.text)
+        if grans & {"word", "mixed"}:
+            yield sampler.segment(ex.text, "word", rng=rng, words=ex.words)
+        if "jieba" in grans:
+            yield sampler.segment(ex.text, "jieba", rng=rng)
+        if "bpe" in grans and sampler.bpe is not None:
+            yield sampler.bpe(ex.text, sample=False)
+
+
+@dataclass
+class _EvalSet:
+    """A held-out split encoded once per evaluation granularity."""
+
+    rows: dict[str, list[list[int]]]
+    labels: torch.Tensor
+
+
+def _encode_eval(examples: list[Example], cfg: RDropConfig, sampler: SegmentationSampler, vocab: Vocab) -> _EvalSet:
+    rng = random.Random(0)  # eval granularities are deterministic
+    rows = {g: [vocab.encode(sampler.segment(ex.text, g, rng=rng, words=ex.words), max_len=cfg.max_len) for ex in examples]
+            for g in cfg.eval_seg_list()}
+    return _EvalSet(rows=rows, labels=torch.tensor([ex.label for ex in examples]))
+
+
+def evaluate(model: torch.nn.Module, es: _EvalSet, *, num_classes: int, batch_size: int) -> dict[str, float]:
+    """Accuracy / macro-F1 / CE per granularity (``acc_char``, ...), the primary (first) one
+    also as ``acc`` / ``f1`` / ``loss``, and ``acc_ens`` / ``f1_ens`` for the mean of the
+    granularities' probabilities when there are several."""
+    out: dict[str, float] = {}
+    all_probs = []
+    for k, (g, rows) in enumerate(es.rows.items()):
+        probs = predict_proba_ids(model, rows, num_classes=num_classes, batch_size=batch_size)
+        m = classification_metrics(probs.argmax(-1), es.labels, num_classes)
+        m["loss"] = float(F.nll_loss(probs.clamp_min(1e-12).log(), es.labels))
+        out.update({f"{name}_{g}": v for name, v in m.items()})
+        if k == 0:
+            out.update(m)
+        all_probs.append(probs)
+    if len(all_probs) > 1:
+        m = classification_metrics(torch.stack(all_probs).mean(0).argmax(-1), es.labels, num_classes)
+        out.update({f"{name}_ens": v for name, v in m.items()})
+    return out
+
+
+def _lr_lambda(cfg: RDropConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
+
+    return f
+
+
+# =========================================================================================
+# The loop
+# =========================================================================================
+@dataclass
+class TrainResult:
+    out_dir: Path
+    validation: dict[str, float]
+    test: dict[str, float]
+    train_seconds: float  # wall seconds of the training steps (segmentation, forward, backward, update)
+    train_cpu_seconds: float  # CPU seconds of the same (steadier than wall time on a shared machine)
+    steps: int
+    parameters: int
+    vocab_size: int
+    distinct_pair_rate: float  # share of training pairs whose two views differ
+
+
+def train(cfg: RDropConfig, *, data: ClassificationData | None = None) -> TrainResult:
+    """Train one classifier as ``cfg`` says; ``data`` replaces ``cfg.data`` (benchmarks load the
+    data once for many runs). Returns held-out metrics; outputs are written to ``cfg.out_dir``."""
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, data)
+    finally:
+        torch.set_num_threads(threads_before)  # do not leak the setting into the caller's process
+
+
+def _train(cfg: RDropConfig, data: ClassificationData | None) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(format_config(cfg), flush=True)  # '*' marks values changed from the defaults
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False), encoding="utf-8")
+
+    # ---- data, segmentation, vocabulary, teacher ------------------------------------------
+    if data is None:
+        data = load_classification_data(cfg.data, eval_source=cfg.eval_data, test_source=cfg.test_data,
+                                        text_field=cfg.text_field, label_field=cfg.label_field,
+                                        words_field=cfg.words_field, on_error=cfg.on_error)
+    if data.rejects:
+        print(f"[rdrop] {len(data.rejects)} of {data.read} records rejected (rejects.jsonl); first: {data.rejects[0]}",
+              file=sys.stderr)
+        (out / "rejects.jsonl").write_text(
+            "".join(json.dumps(vars(r), ensure_ascii=False) + "\n" for r in data.rejects), encoding="utf-8")
+    train_set = take(data.train, cfg.train_limit)
+    val_set, test_set = take(data.validation, cfg.eval_limit), take(data.test, cfg.eval_limit)
+    sampler = _build_sampler(cfg, train_set)
+    vocab = Vocab.build(_vocab_segmentations(cfg, train_set, sampler), min_freq=cfg.min_word_freq, max_size=cfg.max_vocab)
+    vocab.save(out / "vocab.json")
+    val_enc, test_enc = (_encode_eval(s, cfg, sampler, vocab) for s in (val_set, test_set))
+    teacher = None
+    if cfg.teacher_probs:
+        # Soft labels keyed by sample id; a store-backed source builds the same TeacherProbs.
+        teacher = load_teacher_probs_jsonl(cfg.teacher_probs, num_classes=data.num_classes)
+        covered = sum(ex.sample_id in teacher for ex in train_set)
+        if covered == 0:
+            raise ValueError(f"{cfg.teacher_probs}: none of the {len(train_set)} training texts has teacher probs "
+                             f"(is it the teacher file for {cfg.data}?)")
+        print(f"[rdrop] teacher soft labels for {covered}/{len(train_set)} training samples", flush=True)
+
+    # ---- model, optimiser, resume ------------------------------------------------------------
+    mcfg = ClassifierConfig.from_dict({**to_dict(cfg), "vocab_size": len(vocab), "num_classes": data.num_classes,
+                                       "pad_id": vocab.pad_id})
+    model = build_classifier(mcfg).to(cfg.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    seg_rng = random.Random(cfg.seed + 1)  # segmentation draws, separate from batch order
+    start, stats = 0, {"train_seconds": 0.0, "train_cpu_seconds": 0.0, "pairs": 0, "distinct": 0}
+    if cfg.resume:
+        ckpt = ckpt_io.load_checkpoint(cfg.resume)
+        if ckpt["model_config"] != to_dict(mcfg):
+            raise ValueError(f"{ckpt['path']}: saved for a different model/vocabulary; resume with the run's own config")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        ckpt_io.set_rng_state(ckpt["rng"])
+        seg_rng.setstate(_as_rng_state(ckpt["seg_rng"]))
+        start, stats = int(ckpt["step"]), dict(ckpt["stats"])
+        print(f"[rdrop] resumed at step {start} from {ckpt['path']}", flush=True)
+    n_params = count_parameters(model)
+    print(json.dumps({"train": len(train_set), "validation": len(val_set), "test": len(test_set), "vocab": len(vocab),
+                      "parameters": n_params, f"val_coverage_{cfg.eval_seg_list()[0]}": vocab.coverage(
+                          sampler.segment(ex.text, cfg.eval_seg_list()[0], rng=random.Random(0), words=ex.words)
+                          for ex in val_set[:500])}),
+          flush=True)
+
+    def save(step: int, metrics: dict) -> None:
+        ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(out, step), {
+            "step": step, "config": to_dict(cfg), "model_config": to_dict(mcfg), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt_io.rng_state(),
+            "seg_rng": seg_rng.getstate(), "stats": stats, "metrics": metrics}, keep=cfg.keep_checkpoints)
+
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    log = _RunLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None)
+    batches = _batches([len(ex.text) for ex in train_set], cfg.batch_size, cfg.seed)
+    for _ in range(start):  # batch k depends only on (seed, k): skip what the checkpoint has seen
+        next(batches)
+    window: dict[str, float] = {}
+    val_metrics: dict[str, float] = {}
+    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc="rdrop", disable=not cfg.progress, dynamic_ncols=True)
+    for step in range(start + 1, last + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        batch = [train_set[i] for i in next(batches)]
+        labels = torch.tensor([ex.label for ex in batch], device=cfg.device)
+
+        # 1. Views: two different segmentations per sample (one view for the CE baseline).
+        if cfg.passes == 2:
+            pairs = [sampler.sample_pair(ex.text, rng=seg_rng, words=ex.words) for ex in batch]
+            views = [[a for a, _ in pairs], [b for _, b in pairs]]
+            stats["pairs"] += len(pairs)
+            stats["distinct"] += sum(a != b for a, b in pairs)
+        else:
+            views = [[sampler.sample_one(ex.text, rng=seg_rng, words=ex.words) for ex in batch]]
+        encoded = [pad_batch([vocab.encode(s, max_len=cfg.max_len) for s in v], pad_id=vocab.pad_id) for v in views]
+
+        # 2. Forward passes: each call draws fresh dropout masks, i.e. a different sub-model.
+        logits = [model(ids.to(cfg.device), mask.to(cfg.device)) for ids, mask in encoded]
+
+        # 3. Loss (fp32 inside rdrop_loss).
+        t_probs = t_mask = None
+        if teacher is not None:
+            t_probs, t_mask = (t.to(cfg.device) for t in teacher.lookup([ex.sample_id for ex in batch]))
+        loss = rdrop_loss(logits[0], logits[1] if len(logits) == 2 else None, labels, w_ce=cfg.w_ce, w_kl=cfg.w_kl,
+                          teacher_probs=t_probs, teacher_mask=t_mask, w_teacher=cfg.w_teacher,
+                          temperature=cfg.teacher_temperature)
+
+        # 4. Backward, clip, step.
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        stats["train_seconds"] += time.perf_counter() - t0
+        stats["train_cpu_seconds"] += time.process_time() - c0
+        total = float(loss.total.detach())
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss is {total} at step {step}: lower lr={cfg.lr} or check the data")
+
+        # 5. Log running means.
+        for key, value in (("loss", total), ("ce", float(loss.ce)), ("kl", float(loss.kl)),
+                           ("teacher", float(loss.teacher)), ("grad_norm", float(grad_norm)),
+                           ("tokens_per_view", sum(int(m.sum()) for _, m in encoded) / len(batch) / len(views))):
+            window[key] = window.get(key, 0.0) + value
+        window["n"] = window.get("n", 0) + 1
+        if step % cfg.log_every == 0 or step == last:
+            rec = {"event": "train", "step": step, **{k: v / window["n"] for k, v in window.items() if k != "n"},
+                   "lr": scheduler.get_last_lr()[0], "distinct_pairs": stats["distinct"] / max(stats["pairs"], 1),
+                   "train_seconds": stats["train_seconds"]}
+            log.write(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}", val_acc=f"{val_metrics.get('acc', float('nan')):.3f}")
+            window = {}
+        bar.update(1)
+
+        # 6. Evaluate on the validation split.
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            val_metrics = evaluate(model, val_enc, num_classes=data.num_classes, batch_size=cfg.eval_batch_size)
+            log.write({"event": "eval", "split": "validation", "step": step, **val_metrics})
+
+        # 7. Checkpoint.
+        if (cfg.save_every and step % cfg.save_every == 0) or step == last:
+            save(step, val_metrics)
+    bar.close()
+    if last < cfg.steps:
+        print(f"[rdrop] stopped at step {last} (stop_at); continue with --resume {out}", flush=True)
+        return TrainResult(out_dir=out, validation=val_metrics, test={}, train_seconds=stats["train_seconds"],
+                           train_cpu_seconds=stats["train_cpu_seconds"], steps=last, parameters=n_params,
+                           vocab_size=len(vocab), distinct_pair_rate=stats["distinct"] / max(stats["pairs"], 1))
+
+    # ---- final: held-out test, model directory, result, curves ------------------------------
+    test_metrics = evaluate(model, test_enc, num_classes=data.num_classes, batch_size=cfg.eval_batch_size)
+    log.write({"event": "eval", "split": "test", "step": cfg.steps, **test_metrics})
+    result = {"validation": val_metrics, "test": test_metrics, **stats, "steps": cfg.steps, "parameters": n_params,
+              "vocab_size": len(vocab), "distinct_pair_rate": stats["distinct"] / max(stats["pairs"], 1),
+              "train_examples": len(train_set), "data": data.source, "data_fingerprint": data.fingerprint()}
+    TextClassifier(model=model.cpu(), config=mcfg, vocab=vocab, segmentation=cfg.eval_seg_list()[0], max_len=cfg.max_len,
+                   label_names=data.label_names).save(out / "model", extra={"train_config": to_dict(cfg), "result": result})
+    (out / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    log.plot(out / "curves.png", title=f"{cfg.arch}, passes={cfg.passes}, train_segs={cfg.train_segs}")
+    return TrainResult(out_dir=out, validation=val_metrics, test=test_metrics, train_seconds=stats["train_seconds"],
+                       train_cpu_seconds=stats["train_cpu_seconds"], steps=cfg.steps, parameters=n_params,
+                       vocab_size=len(vocab), distinct_pair_rate=result["distinct_pair_rate"])
+
+
+def _as_rng_state(state: Any) -> tuple:
+    """``random.Random.getstate()`` comes back from ``torch.load`` with lists for tuples."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+class _RunLog:
+    """``metrics.jsonl`` writer (one JSON object per event) that also draws the curves."""
+
+    def __init__(self, path: Path, *, resume_step: int | None) -> None:
+        self.path = path
+        self.history: list[dict[str, Any]] = []
+        kept = []
+        if resume_step is not None and path.exists():
+            # Events logged after the checkpoint were undone by resuming: drop them.
+            for line in path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                if rec["step"] <= resume_step:
+                    kept.append(line)
+                    self.history.append(rec)
+        path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    def plot(self, path: Path, *, title: str = "") -> None:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+
+        tr = [r for r in self.history if r["event"] == "train"]
+        ev = [r for r in self.history if r["event"] == "eval" and r["split"] == "validation"]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for key in ("loss", "ce", "kl", "teacher"):
+            if any(r[key] for r in tr):
+                ax1.plot([r["step"] for r in tr], [r[key] for r in tr], label=f"train {key}")
+        ax1.set(xlabel="step", ylabel="nats / sample", title="training loss")
+        ax1.legend()
+        for key in ("acc", "f1"):
+            ax2.plot([r["step"] for r in ev], [r[key] for r in ev], marker="o", label=f"validation {key}")
+        ax2.set(xlabel="step", title="held-out validation")
+        ax2.legend()
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+# =========================================================================================
+# CLI
+# =========================================================================================
+def main(argv: list[str] | None = None, prog: str = "kd train rdrop") -> int:
+    """``kd train rdrop``: see the module docstring."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="R-Drop fine-tuning across segmentation granularities (seed 000).",
+        epilog="Any config key can be set as key=value (--print-config lists them).")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--teacher-probs", help='JSONL of {"text", "probs"} class soft labels (sets w_teacher=1 '
+                                                "unless given)")
+    parser.add_argument("--resume", help="checkpoint file or run directory to continue (its config is reused)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = RDropConfig()
+        if args.resume:
+            cfg = apply_overrides(from_dict(RDropConfig, ckpt_io.load_checkpoint(args.resume)["config"]), ["stop_at=0"])
+        overrides = list(args.overrides)
+        if args.teacher_probs:
+            overrides.append(f"teacher_probs={args.teacher_probs}")
+            if not any(o.startswith("w_teacher=") for o in overrides) and not cfg.w_teacher:
+                overrides.append("w_teacher=1.0")
+        if args.resume:
+            overrides.append(f"resume={args.resume}")
+        cfg = apply_overrides(cfg, overrides)
+        if args.print_config:
+            print(format_config(cfg))
+            return 0
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out_dir": str(result.out_dir), "validation": result.validation, "test": result.test,
+                      "train_seconds": round(result.train_seconds, 1)}, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
