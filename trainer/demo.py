@@ -32,7 +32,7 @@ class DemoConfig:
     out_dir: str = "runs/demo"
     cache_dir: str = ""  # reference teacher/tokenizer cache ("" = $KDSTORE_CACHE or ~/.cache/kdstore)
     recipe: str = "cpu"  # reference teacher recipe (trainer.reference.RECIPES)
-    capture_lines: int = 6000  # People's Daily training lines run through the teacher
+    capture_lines: int = 3000  # People's Daily training lines run through the teacher
     select: str = "topk"
     k: int = 32
     p: float = 0.95

@@ -1,0 +1,266 @@
+"""Student distillation: cached soft labels vs online KD vs CE only, in one run.
+
+Reference teacher (``trainer.reference``, cached) and real corpus (People's Daily): the
+teacher's distributions over the first ``--docs`` train documents are captured once into
+four stores (top-k 8, top-k 32, sample, top-p; one teacher pass feeds all selections), then
+the same student (``student-tiny``, same steps, batch, seed, schedule, kd weight) is
+trained in this process, arm after arm:
+
+1. CE only (``kd_weight=0``)              4. cached ``sample`` (RS-KD draw frequencies)
+2. online full KD (teacher every step)    5. cached ``top_p``
+3. cached top-k, k = 8 and 32
+
+Each arm reads the same store rows in the same order (the online and CE arms use the
+store's input ids and labels only). Reported per arm: held-out CE / perplexity on the
+validation split (true next token), full-vocabulary KL(teacher || student) on the same
+text, median step time (data + forward + loss + backward + step) and the store's bytes
+per token. Step times compare only within one run on one machine.
+
+    python bench/train_bench.py [--steps 300] [--docs 5000] [--threads 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._report import markdown_table, write_section  # noqa: E402
+
+IMG = ROOT / "docs" / "img" / "train_bench.png"
+
+
+def _selections(samples: int, p: float, max_k: int):
+    from kdstore.format import Selection
+
+    return {
+        "topk8": Selection(mode="topk", k=8),
+        "topk32": Selection(mode="topk", k=32),
+        "sample": Selection(mode="sample", samples=samples, seed=0),
+        "top_p": Selection(mode="top_p", p=p, max_k=max_k),
+    }
+
+
+def capture(teacher_dir: Path, out: Path, *, docs: int, samples: int, p: float, max_k: int, max_length: int,
+            threads: int) -> dict[str, dict]:
+    """One teacher pass over the first ``docs`` train documents -> four stores (reused when present)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import kdstore
+    from trainer.cache_local import cache_with_model, store_bytes_per_token
+    from trainer.models import load_causal_lm
+    from trainer.textdata import load_texts
+
+    sels = _selections(samples, p, max_k)
+    key = f"{teacher_dir.name}-d{docs}-s{samples}-p{p}-m{max_k}-L{max_length}"
+    uris = {name: out / f"{key}-{name}" for name in sels}
+    info_path = out / f"{key}.json"
+    if not all((u / "manifest.json").exists() for u in uris.values()) or not info_path.exists():
+        if threads:
+            torch.set_num_threads(threads)
+        texts = load_texts("peoples_daily:train")[:docs]
+        tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+        model = load_causal_lm(teacher_dir)
+        t0 = time.perf_counter()
+        res = cache_with_model(model, tok, texts, {str(u): sels[n] for n, u in uris.items()}, max_length=max_length,
+                               batch_size=32, name_or_path=str(teacher_dir), overwrite=True, progress=True)
+        wall = time.perf_counter() - t0
+        info_path.write_text(json.dumps({"wall_seconds": wall, "per_store": {n: res[str(u)] for n, u in uris.items()}}))
+    info = json.loads(info_path.read_text())
+    out_info = {}
+    for n, u in uris.items():
+        m = kdstore.open(str(u)).manifest
+        out_info[n] = {"uri": str(u), "bytes_per_token": store_bytes_per_token(u), "rows": m.totals["rows"],
+                       "tokens": m.totals["tokens"], "entries_per_token": m.totals["entries"] / max(1, m.totals["tokens"]),
+                       "capture_seconds": info["per_store"][n]["seconds"]}
+    return out_info
+
+
+def run_arms(arms: list[str], stores: dict[str, dict], teacher_dir: Path, work: Path, args) -> dict[str, dict]:
+    from trainer.config import TrainConfig
+    from trainer.student import train
+
+    common = dict(
+        model=args.student, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10),
+        seed=0, precision=args.precision, threads=args.threads, eval_data="peoples_daily:validation",
+        eval_teacher=str(teacher_dir), tokenizer=str(teacher_dir), eval_every=0, log_every=10, progress=not args.no_progress,
+        plots=False, save_model=False, keep_checkpoints=1, save_every=0, kd_weight=args.kd_weight,
+    )
+    plan = {
+        "ce": dict(store=stores["topk32"]["uri"], kd_weight=0.0),
+        "online": dict(store=stores["topk32"]["uri"], online_teacher=str(teacher_dir)),
+        "topk8": dict(store=stores["topk8"]["uri"]),
+        "topk32": dict(store=stores["topk32"]["uri"]),
+        "sample": dict(store=stores["sample"]["uri"]),
+        "top_p": dict(store=stores["top_p"]["uri"]),
+    }
+    results = {}
+    for arm in arms:
+        print(f"\n=== arm {arm} ===", flush=True)
+        cfg = TrainConfig(**{**common, **plan[arm], "out_dir": str(work / "runs" / arm)})
+        t0 = time.perf_counter()
+        res = train(cfg)
+        res["wall_seconds"] = time.perf_counter() - t0
+        results[arm] = res
+    return results
+
+
+LABELS = {"ce": "CE only (kd_weight=0)", "online": "online full KD", "topk8": "cached top-k 8", "topk32": "cached top-k 32",
+          "sample": "cached sample", "top_p": "cached top-p"}
+
+
+def report(results: dict[str, dict], stores: dict[str, dict], teacher: dict, args) -> tuple[str, dict]:
+    on = results.get("online")
+    rows = []
+    for arm, r in results.items():
+        store_key = {"ce": None, "online": None}.get(arm, arm)
+        bpt = stores[store_key]["bytes_per_token"] if store_key else math.nan
+        ept = stores[store_key]["entries_per_token"] if store_key else math.nan
+        d_ce = (r["eval_ce"] / on["eval_ce"] - 1) * 100 if on else math.nan
+        speed = on["step_time_median"] / r["step_time_median"] if on else math.nan
+        rows.append([LABELS[arm], f"{bpt:.1f}" if store_key else "-", f"{ept:.1f}" if store_key else "-",
+                     r["eval_ce"], r["eval_ppl"], r["eval_kl"], f"{d_ce:+.2f}%" if on else "-",
+                     r["step_time_median"] * 1000, r.get("step_cpu_median", math.nan) * 1000, f"{speed:.2f}x" if on else "-"])
+    table = markdown_table(
+        ["arm", "store B/token", "entries/token", "held-out CE", "ppl", "KL(teacher‖student)", "CE vs online",
+         "step ms (median)", "step CPU ms", "speed vs online"], rows)
+    verdict = {}
+    if on and "topk32" in results:
+        verdict["topk32_ce_within_1pct_of_online"] = abs(results["topk32"]["eval_ce"] / on["eval_ce"] - 1) <= 0.01
+    cached = [a for a in ("topk8", "topk32", "sample", "top_p") if a in results]
+    if on and cached:
+        verdict["min_cached_speedup"] = min(on["step_time_median"] / results[a]["step_time_median"] for a in cached)
+    if cached:
+        best = min(cached, key=lambda a: results[a]["eval_ce"] * stores[a]["bytes_per_token"])
+        verdict["best_ce_per_byte"] = best
+    return table, verdict
+
+
+def plot(results: dict[str, dict], stores: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax = axes[0]
+    for arm in ("topk8", "topk32", "sample", "top_p"):
+        if arm in results:
+            ax.scatter(stores[arm]["bytes_per_token"], results[arm]["eval_ce"], s=60)
+            ax.annotate(LABELS[arm].replace("cached ", ""), (stores[arm]["bytes_per_token"], results[arm]["eval_ce"]),
+                        textcoords="offset points", xytext=(5, 5))
+    for arm, style in (("online", "--"), ("ce", ":")):
+        if arm in results:
+            ax.axhline(results[arm]["eval_ce"], linestyle=style, color="gray", label=LABELS[arm])
+    ax.set(xlabel="store bytes per token (zstd Parquet)", ylabel="held-out CE (nats/token)",
+           title="held-out CE vs storage")
+    ax.legend()
+    ax = axes[1]
+    names = list(results)
+    ax.bar([LABELS[a].replace("cached ", "") for a in names], [results[a]["step_time_median"] * 1000 for a in names])
+    ax.set(ylabel="median step time (ms)", title="step time (same run, same machine)")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--docs", type=int, default=5000, help="People's Daily train documents captured (~1 epoch)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--kd-weight", type=float, default=0.5)
+    ap.add_argument("--student", default="student-tiny")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--samples", type=int, default=32, help="draws per position for the sample store")
+    ap.add_argument("--p", type=float, default=0.9, help="top-p threshold")
+    ap.add_argument("--max-k", type=int, default=32, help="top-p cap")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default); 1 on a shared machine")
+    ap.add_argument("--arms", default="ce,online,topk8,topk32,sample,top_p")
+    ap.add_argument("--teacher", default=None, help="a HF model dir instead of the reference teacher (smoke tests)")
+    ap.add_argument("--cache-dir", default=None, help="reference teacher cache (default $KDSTORE_CACHE or ~/.cache/kdstore)")
+    ap.add_argument("--work", default=str(ROOT / ".cache" / "train_bench"), help="stores and runs")
+    ap.add_argument("--quick", action="store_true", help="smoke run (few steps/docs); does not write docs/benchmarks.md")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.docs = min(args.steps, 10), min(args.docs, 300)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from trainer.models import load_causal_lm
+    from trainer.reference import default_cache_dir, reference_info, reference_teacher
+
+    t_all = time.perf_counter()
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.teacher:
+        teacher_dir = Path(args.teacher)
+        teacher = {"recipe": {"model": teacher_dir.name}, "parameters": sum(
+            p.numel() for p in load_causal_lm(teacher_dir).parameters()), "eval_ppl": float("nan")}
+    else:
+        teacher_dir = reference_teacher(cache_dir=cache, threads=args.threads)
+        teacher = reference_info(teacher_dir)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stores = capture(teacher_dir, work / "stores", docs=args.docs, samples=args.samples, p=args.p, max_k=args.max_k,
+                     max_length=args.max_length, threads=args.threads)
+    capture_s = time.perf_counter() - t0
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    results = run_arms(arms, stores, teacher_dir, work, args)
+    total_s = time.perf_counter() - t_all
+    table, verdict = report(results, stores, teacher, args)
+    student_params = next(iter(results.values()))["parameters"]
+    print("\n" + table)
+    print(json.dumps(verdict, indent=1))
+    (work / "results.json").write_text(json.dumps({"results": results, "stores": stores, "verdict": verdict}, indent=1,
+                                                  default=str))
+    if args.quick:
+        return 0
+    plot(results, stores, IMG)
+    store_rows = [[n, s["rows"], s["tokens"], f"{s['entries_per_token']:.1f}", f"{s['bytes_per_token']:.1f}"]
+                  for n, s in stores.items()]
+    body = f"""
+Teacher: `{teacher['recipe']['model']}` ({teacher['parameters']:,} parameters, held-out perplexity
+{teacher['eval_ppl']:.1f}); student: `{args.student}` ({student_params:,} parameters, teacher/student =
+{teacher['parameters'] / student_params:.1f}x). Every arm: {args.steps} steps, batch {args.batch_size} rows, lr
+{args.lr}, seed 0, precision {args.precision}, kd_weight {args.kd_weight} (CE-only: 0), forward KL with tail
+bucket at T=1, torch threads {torch.get_num_threads()}. Data: the first {args.docs} People's Daily train documents
+(windows of up to {args.max_length} tokens), captured once with `trainer.cache_local.cache_with_model` (one
+teacher pass feeding all four selections; `kd cache` runs one Beam job per selection). Held-out: the validation
+split ({results[arms[0]]['eval_tokens']:,} target tokens), CE against the true next token and full-vocabulary
+KL(teacher ‖ student). Step time: median wall time of a training step (data, forward, loss, backward, optimizer);
+"step CPU ms" is the process CPU time of the step (all threads), which is what an uncontended machine would take
+with one thread.
+
+{table}
+
+Stores (sample: {args.samples} draws per position; top-p: p = {args.p}, at most {args.max_k}):
+
+{markdown_table(["store", "rows", "positions", "entries/position", "bytes/position"], store_rows)}
+
+Targets: cached top-32 within 1% of online KD's held-out CE: **{verdict.get('topk32_ce_within_1pct_of_online')}**;
+slowest cached arm vs online KD: **{verdict.get('min_cached_speedup', float('nan')):.2f}x** faster (target >= 2x with a
+teacher >= 4x the student). Capture of the four stores: {capture_s:.0f} s (reused when present); whole benchmark
+{total_s / 60:.1f} min.
+
+![held-out CE vs store bytes, step times](img/train_bench.png)
+"""
+    write_section("train", "Student distillation: cached soft labels vs online KD vs CE only", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""KD losses against hand-computed values and their defining properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.losses import ce_loss, dense_kd_loss, mix, sparse_kd_loss
+
+# Student logits ln(1..4): softmax q = [0.1, 0.2, 0.3, 0.4].
+Q = [0.1, 0.2, 0.3, 0.4]
+LOGITS = torch.log(torch.tensor([[[1.0, 2.0, 3.0, 4.0]]]))  # [B=1, T=1, V=4]
+# Teacher keeps classes 3 and 2 with p = 0.5, 0.3; tail 0.2 (classes 0 and 1).
+IDX = torch.tensor([[[3, 2]]])
+P = torch.tensor([[[0.5, 0.3]]])
+TAIL = torch.tensor([[0.2]])
+MASK = torch.tensor([[True]])
+# Hand-computed: student tail bucket = q0 + q1 = 0.3.
+FWD = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.3) + 0.2 * math.log(0.2 / 0.3)
+REV = 0.4 * math.log(0.4 / 0.5) + 0.3 * math.log(0.3 / 0.3) + 0.3 * math.log(0.3 / 0.2)
+
+
+def test_sparse_forward_reverse_symmetric_hand_computed():
+    f = sparse_kd_loss(LOGITS, IDX, P, TAIL, MASK, kind="forward")
+    r = sparse_kd_loss(LOGITS, IDX, P, TAIL, MASK, kind="reverse")
+    s = sparse_kd_loss(LOGITS, IDX, P, TAIL, MASK, kind="symmetric")
+    assert f.item() == pytest.approx(FWD, abs=1e-6)
+    assert r.item() == pytest.approx(REV, abs=1e-6)
+    assert s.item() == pytest.approx(0.5 * (FWD + REV), abs=1e-6)
+    assert f.dtype == torch.float32
+
+
+def test_sparse_without_tail_bucket_renormalises_kept_entries():
+    # Target [0.5, 0.3] / 0.8 against the student's full-softmax log-probs of classes 3, 2.
+    p = [0.5 / 0.8, 0.3 / 0.8]
+    want = p[0] * math.log(p[0] / 0.4) + p[1] * math.log(p[1] / 0.3)
+    got = sparse_kd_loss(LOGITS, IDX, P, TAIL, MASK, tail_bucket=False)
+    assert got.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_padding_slots_are_not_kept_classes():
+    # Same target with a padding slot (index 0, probability 0): class 0 stays in the tail.
+    idx = torch.tensor([[[3, 2, 0]]])
+    p = torch.tensor([[[0.5, 0.3, 0.0]]])
+    assert sparse_kd_loss(LOGITS, idx, p, TAIL, MASK).item() == pytest.approx(FWD, abs=1e-6)
+    assert sparse_kd_loss(LOGITS, idx, p, TAIL, MASK, kind="reverse").item() == pytest.approx(REV, abs=1e-6)
+
+
+def test_temperature_divides_student_logits_and_scales_by_t_squared():
+    # Logits 2*ln(1..4) at T=2 are ln(1..4): the same KL, times T^2 = 4.
+    got = sparse_kd_loss(2 * LOGITS, IDX, P, TAIL, MASK, temperature=2.0)
+    assert got.item() == pytest.approx(4 * FWD, abs=1e-5)
+    teacher = torch.log(torch.tensor([[[0.05, 0.15, 0.3, 0.5]]]))
+    dense_t1 = sum(pt * math.log(pt / q) for pt, q in zip([0.05, 0.15, 0.3, 0.5], Q))
+    got_dense = dense_kd_loss(2 * LOGITS, 2 * teacher, MASK, temperature=2.0)
+    assert got_dense.item() == pytest.approx(4 * dense_t1, abs=1e-5)
+
+
+def test_ce_and_mix_hand_computed():
+    labels = torch.tensor([[2]])
+    ce = ce_loss(LOGITS, labels)
+    assert ce.item() == pytest.approx(-math.log(0.3), abs=1e-6)
+    kd = sparse_kd_loss(LOGITS, IDX, P, TAIL, MASK)
+    assert mix(ce, kd, 0.25).item() == pytest.approx(0.75 * -math.log(0.3) + 0.25 * FWD, abs=1e-6)
+    assert mix(ce, torch.tensor(float("nan")), 0.0).item() == pytest.approx(-math.log(0.3))
+
+
+def _random_case(B=2, T=5, V=11, K=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g) * 2
+    teacher = torch.randn(B, T, V, generator=g) * 2
+    p_full = torch.softmax(teacher, -1)
+    vals, idx = torch.topk(p_full, K, -1)
+    tail = 1 - vals.sum(-1)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    return logits, teacher, p_full, idx, vals, tail, mask
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "symmetric"])
+def test_sparse_with_all_classes_kept_equals_dense(kind):
+    V = 11
+    logits, teacher, p_full, idx, vals, tail, mask = _random_case(V=V, K=V)
+    sparse = sparse_kd_loss(logits, idx, vals, torch.zeros_like(tail), mask, kind=kind)
+    dense = dense_kd_loss(logits, teacher, mask, kind=kind)
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-5, abs=1e-6)
+    # Quantization noise in the tail of a position that keeps every class is ignored.
+    noisy = sparse_kd_loss(logits, idx, vals, torch.full_like(tail, 1e-7), mask, kind=kind)
+    assert noisy.item() == pytest.approx(dense.item(), rel=1e-5, abs=1e-6)
+
+
+def test_dense_kl_against_explicit_sum():
+    logits, teacher, p_full, *_, mask = _random_case()
+    q = torch.log_softmax(logits, -1)
+    lp = torch.log_softmax(teacher, -1)
+    per = (p_full * (lp - q)).sum(-1)
+    want = per[mask].mean()
+    assert dense_kd_loss(logits, teacher, mask).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_sparse_forward_kl_is_a_lower_bound_of_dense_and_zero_at_the_teacher():
+    logits, teacher, p_full, idx, vals, tail, mask = _random_case(K=3)
+    sparse = sparse_kd_loss(logits, idx, vals, tail, mask)
+    dense = dense_kd_loss(logits, teacher, mask)
+    assert 0 < sparse.item() <= dense.item()  # merging classes never increases KL
+    at_teacher = sparse_kd_loss(teacher, idx, vals, tail, mask)
+    assert abs(at_teacher.item()) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "symmetric"])
+def test_chunked_equals_unchunked_values_and_gradients(kind):
+    logits, teacher, p_full, idx, vals, tail, mask = _random_case(B=3, T=7, V=13, K=4, seed=1)
+    results = []
+    for chunk in (0, 3):
+        x = logits.clone().requires_grad_(True)
+        loss = sparse_kd_loss(x, idx, vals, tail, mask, kind=kind, chunk_size=chunk) + dense_kd_loss(
+            x, teacher, mask, kind=kind, chunk_size=chunk) + ce_loss(x, torch.where(mask, idx[..., 0], -100), chunk_size=chunk)
+        loss.backward()
+        results.append((loss.detach(), x.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-7)
+
+
+def test_all_masked_batch_gives_zero_loss_and_zero_grad_not_nan():
+    logits, teacher, p_full, idx, vals, tail, _ = _random_case()
+    none = torch.zeros(logits.shape[:-1], dtype=torch.bool)
+    x = logits.clone().requires_grad_(True)
+    total = (sparse_kd_loss(x, idx, vals, tail, none) + dense_kd_loss(x, teacher, none)
+             + ce_loss(x, torch.full(none.shape, -100)) + sparse_kd_loss(x, idx, vals, tail, none, kind="reverse", chunk_size=2))
+    assert total.item() == 0.0
+    total.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_masked_positions_do_not_contribute_and_mean_is_over_valid_positions():
+    logits, teacher, p_full, idx, vals, tail, mask = _random_case()
+    garbage = logits.clone()
+    garbage[~mask] = 1e4  # whatever sits in masked positions must not matter
+    a = sparse_kd_loss(logits, idx, vals, tail, mask)
+    b = sparse_kd_loss(garbage, idx, vals, tail, mask)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    per = [sparse_kd_loss(logits[i : i + 1, t : t + 1], idx[i : i + 1, t : t + 1], vals[i : i + 1, t : t + 1],
+                          tail[i : i + 1, t : t + 1], mask[i : i + 1, t : t + 1]).item()
+           for i in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[i, t]]
+    assert a.item() == pytest.approx(sum(per) / len(per), rel=1e-6)
+
+
+def test_sample_mode_frequencies_are_an_unbiased_target():
+    """Stored draw frequencies (tail 0): the forward-KL gradient in expectation equals the
+    full-distribution gradient (RS-KD is unbiased), unlike top-k renormalised targets."""
+    V, S, draws = 6, 4, 4000
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(V, generator=g), -1)
+    logits = torch.randn(1, 1, V, generator=g)
+    x = logits.clone().requires_grad_(True)
+    dense_kd_loss(x, torch.log(p).view(1, 1, V), torch.ones(1, 1, dtype=torch.bool)).backward()
+    want = x.grad.clone()
+    # Many independent sampled targets as positions of one batch: the mean gradient over positions.
+    d = torch.multinomial(p, draws * S, replacement=True, generator=g).view(draws, S)
+    idx = torch.sort(d, -1).values
+    freq = torch.full((draws, S), 1.0 / S)
+    xs = logits.expand(1, draws, V).clone().requires_grad_(True)
+    sparse_kd_loss(xs, idx.view(1, draws, S), freq.view(1, draws, S), torch.zeros(1, draws),
+                   torch.ones(1, draws, dtype=torch.bool)).backward()
+    got = xs.grad.sum(1).view(V)  # mean over positions is folded into the loss's 1/n
+    assert torch.allclose(got, want.view(V), atol=0.02)
+    # A top-2 target renormalised (no tail) is biased: its gradient is far from the full one.
+    vals, top = torch.topk(p, 2)
+    xt = logits.clone().requires_grad_(True)
+    sparse_kd_loss(xt, top.view(1, 1, 2), vals.view(1, 1, 2), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool),
+                   tail_bucket=False).backward()
+    assert (xt.grad.view(V) - want.view(V)).abs().max() > 0.05
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="student vocabulary"):
+        sparse_kd_loss(LOGITS, torch.tensor([[[7, 2]]]), P, TAIL, MASK)
+    with pytest.raises(ValueError, match="unknown KD loss kind"):
+        sparse_kd_loss(LOGITS, IDX, P, TAIL, MASK, kind="jsd")
+    with pytest.raises(ValueError, match="teacher vocabulary"):
+        dense_kd_loss(LOGITS, torch.zeros(1, 1, 5), MASK)
+
+
+def test_dense_pads_student_extra_classes_with_zero_teacher_mass():
+    teacher = torch.log(torch.tensor([[[0.2, 0.3, 0.5]]]))  # V' = 3 < V = 4
+    want = sum(pt * math.log(pt / q) for pt, q in zip([0.2, 0.3, 0.5], Q))
+    assert dense_kd_loss(LOGITS, teacher, MASK).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_bf16_logits_are_computed_in_fp32():
+    logits, teacher, p_full, idx, vals, tail, mask = _random_case()
+    a = sparse_kd_loss(logits.bfloat16(), idx, vals, tail, mask)
+    b = sparse_kd_loss(logits.bfloat16().float(), idx, vals, tail, mask)
+    assert a.dtype == torch.float32 and a.item() == pytest.approx(b.item(), rel=1e-6)

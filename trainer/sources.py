@@ -1,0 +1,170 @@
+"""Where a run's batches, student and teachers come from.
+
+:class:`TrainData` wraps the training batches (a store through :class:`kdstore.StoreLoader`,
+or packed text windows through :class:`trainer.textdata.TextBatches`) as an endless,
+resumable stream; :func:`build_student` builds the student for the data's (aligned)
+vocabulary; :func:`eval_source` opens the held-out set (a store or text).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trainer.config import TrainConfig
+from trainer.models import build_causal_lm, load_causal_lm, padded_vocab, resize_vocab, vocab_size_of
+from trainer.runtime import Dist
+
+
+class TrainData:
+    """The training batches (a store or text windows), endlessly over epochs, resumable."""
+
+    def __init__(self, loader: Any, *, kind: str, vocab_size: int, tokenizer: Any, remap: Any, store: Any, info: str) -> None:
+        self.loader, self.kind, self.vocab_size, self.tokenizer, self.remap, self.store = loader, kind, vocab_size, tokenizer, remap, store
+        self._info = info
+        self._it = None
+
+    @classmethod
+    def open(cls, cfg: TrainConfig, dist: Dist) -> "TrainData":
+        if cfg.store:
+            import kdstore  # noqa: PLC0415
+            from kdstore.dataset import SoftLabelDataset, StoreLoader  # noqa: PLC0415
+
+            store = kdstore.open(cfg.store)
+            if store.manifest.level != "token":
+                raise ValueError(f"{cfg.store}: a {store.manifest.level}-level store; 'kd train student' needs a token-level store")
+            remap = load_alignment(cfg.align, store) if cfg.align else None
+            vocab = remap.vocab_size if remap is not None else store.manifest.teacher.vocab_size
+            sel = store.manifest.selection
+            if cfg.kd_weight > 0 and not cfg.online_teacher and abs(sel.temperature - cfg.temperature) > 1e-9 and dist.is_main:
+                print(f"note: targets were captured at temperature {sel.temperature}; the student uses temperature={cfg.temperature}")
+            ds = SoftLabelDataset(store, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, shuffle_block=cfg.shuffle_block,
+                                  rank=dist.rank, world_size=dist.world_size, remap=remap)
+            loader = StoreLoader(ds, num_workers=cfg.num_workers)
+            tok = load_tokenizer(cfg.tokenizer or store.manifest.teacher.name_or_path, required=bool(cfg.tokenizer))
+            mode = sel.mode + (f" k={sel.k}" if sel.mode == "topk" else f" p={sel.p}" if sel.mode == "top_p" else f" n={sel.samples}")
+            info = f"store {cfg.store} ({store.num_rows} rows, {mode}" + (f", aligned vocab {vocab}" if remap is not None else "") + ")"
+            return cls(loader, kind="store", vocab_size=vocab, tokenizer=tok, remap=remap, store=store, info=info)
+        from trainer.textdata import TextBatches, encode_texts, load_texts, packed_windows  # noqa: PLC0415
+
+        if not cfg.tokenizer:
+            raise ValueError("text training needs tokenizer=DIR (a Hugging Face tokenizer directory)")
+        tok = load_tokenizer(cfg.tokenizer, required=True)
+        texts = load_texts(cfg.train_text)
+        windows = packed_windows(encode_texts(tok, texts), cfg.seq_len)
+        loader = TextBatches(windows, batch_size=cfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                             drop_last=True, pad_id=tok.pad_token_id or 0)
+        info = f"text {cfg.train_text} ({len(texts)} docs, {len(windows)} windows of {cfg.seq_len})"
+        return cls(loader, kind="text", vocab_size=padded_vocab(len(tok), cfg.pad_vocab_multiple), tokenizer=tok, remap=None,
+                   store=None, info=info)
+
+    def describe(self) -> str:
+        return self._info
+
+    def next_batch(self) -> dict[str, Any]:
+        """The next batch, starting the next epoch when one ends.
+
+        Runs under ``fork_rng``: a DataLoader draws its base seed from the global torch RNG
+        when an epoch's iterator starts, which would shift the dropout stream of a resumed
+        run (its iterator starts at a different step) and break exact resume.
+        """
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    return next(self._it)
+            except StopIteration:
+                self._it = None
+        raise ValueError(f"{self._info}: no batches for this rank (fewer rows than ranks, or fewer than batch_size with drop_last)")
+
+
+def load_tokenizer(path: str, *, required: bool) -> Any:
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any failure means "no usable tokenizer here"
+        if required:
+            raise ValueError(f"cannot load a tokenizer from {path!r} ({exc}); pass tokenizer=DIR") from exc
+        return None
+
+
+def load_alignment(path: str, store: Any) -> Any:
+    try:
+        from kdstore.align import VocabAlignment  # noqa: PLC0415
+    except ImportError as exc:  # pragma: no cover - kdstore.align ships with kdstore
+        raise ValueError("align= needs kdstore.align, which is not available in this installation") from exc
+    return VocabAlignment.load(path, store=store)
+
+
+def build_student(cfg: TrainConfig, data: TrainData, *, min_vocab: int = 0) -> torch.nn.Module:
+    """A fresh student (or ``init_from``) with at least the data's (aligned) vocabulary."""
+    tok = data.tokenizer
+    vocab = max(data.vocab_size, min_vocab)
+    special = {}
+    if tok is not None:
+        special = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if cfg.init_from:
+        model = load_causal_lm(cfg.init_from)
+    else:
+        model = build_causal_lm(cfg.model, vocab_size=vocab, seed=cfg.seed, **special)
+    if vocab_size_of(model) < vocab:
+        # An aligned vocabulary with new tokens ("extend" policy) or a larger teacher vocab.
+        resize_vocab(model, vocab)
+    init_new_tokens(model, data.remap)
+    return model
+
+
+@torch.no_grad()
+def init_new_tokens(model: torch.nn.Module, remap: Any) -> None:
+    """Start each token an alignment appended (``extend``) as the mean of the embeddings of
+    its spelling in student pieces, so it begins near what the student already knows."""
+    for entry in getattr(remap, "new_tokens", None) or []:
+        pieces = [p for p in entry.get("pieces", []) if p < entry["aligned_id"]]
+        if not pieces:
+            continue
+        for emb in {id(m.weight): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+            emb.weight[entry["aligned_id"]] = emb.weight[pieces].mean(0)
+
+
+def load_teacher(path: str, device: torch.device) -> torch.nn.Module:
+    t = load_causal_lm(path).to(device).eval()
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t
+
+
+def eval_source(cfg: TrainConfig, data: TrainData, dist: Dist) -> Any:
+    """A re-iterable of held-out batches (a store, or text split into document windows)."""
+    from kdstore.fs import resolve  # noqa: PLC0415
+
+    try:
+        is_store = resolve(cfg.eval_data).exists("manifest.json")
+    except Exception:  # noqa: BLE001 - not a URI the filesystem layer knows: treat as text
+        is_store = False
+    if is_store:
+        from kdstore.dataset import SoftLabelDataset  # noqa: PLC0415
+
+        return SoftLabelDataset(cfg.eval_data, batch_size=cfg.eval_batch_size, shuffle=False, rank=dist.rank,
+                                world_size=dist.world_size, remap=data.remap)
+    from trainer.textdata import TextBatches, document_windows, encode_texts, load_texts  # noqa: PLC0415
+
+    if data.tokenizer is None:
+        raise ValueError(f"eval_data={cfg.eval_data!r} is text: pass tokenizer=DIR (the student's tokenizer)")
+    if data.remap is not None and cfg.eval_teacher:
+        raise ValueError("eval_teacher KL on text needs a shared vocabulary; with align= evaluate on a held-out store")
+    windows = document_windows(encode_texts(data.tokenizer, load_texts(cfg.eval_data)), cfg.seq_len)
+    # Sorted by length: batches of similar lengths waste little compute on padding.
+    windows.sort(key=len)
+    return _Reiterable(lambda: TextBatches(windows, batch_size=cfg.eval_batch_size, shuffle=False, rank=dist.rank,
+                                           world_size=dist.world_size, pad_id=data.tokenizer.pad_token_id or 0))
+
+
+class _Reiterable:
+    def __init__(self, make) -> None:
+        self._make = make
+
+    def __iter__(self):
+        return iter(self._make())
