@@ -88,7 +88,8 @@ def run_arms(arms: list[str], stores: dict[str, dict], teacher_dir: Path, work: 
     from trainer.student import train
 
     common = dict(
-        model=args.student, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10),
+        model=args.student, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_embed_mult=args.lr_embed_mult,
+        warmup_steps=max(1, args.steps // 10),
         seed=0, precision=args.precision, threads=args.threads, eval_data="peoples_daily:validation",
         eval_teacher=str(teacher_dir), tokenizer=str(teacher_dir), eval_every=0, log_every=10, progress=not args.no_progress,
         plots=False, save_model=False, keep_checkpoints=1, save_every=0, kd_weight=args.kd_weight,
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--docs", type=int, default=5000, help="People's Daily train documents captured (~1 epoch)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr-embed-mult", type=float, default=30.0, help="as the reference recipe (trainer.reference)")
     ap.add_argument("--kd-weight", type=float, default=0.5)
     ap.add_argument("--student", default="student-tiny")
     ap.add_argument("--precision", default="auto")
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 Teacher: `{teacher['recipe']['model']}` ({teacher['parameters']:,} parameters, held-out perplexity
 {teacher['eval_ppl']:.1f}); student: `{args.student}` ({student_params:,} parameters, teacher/student =
 {teacher['parameters'] / student_params:.1f}x). Every arm: {args.steps} steps, batch {args.batch_size} rows, lr
-{args.lr}, seed 0, precision {args.precision}, kd_weight {args.kd_weight} (CE-only: 0), forward KL with tail
+{args.lr} (embeddings x{args.lr_embed_mult:g}), seed 0, precision {args.precision}, kd_weight {args.kd_weight} (CE-only: 0), forward KL with tail
 bucket at T=1, torch threads {torch.get_num_threads()}. Data: the first {args.docs} People's Daily train documents
 (windows of up to {args.max_length} tokens), captured once with `trainer.cache_local.cache_with_model` (one
 teacher pass feeding all four selections; `kd cache` runs one Beam job per selection). Held-out: the validation

@@ -189,3 +189,11 @@ def test_optimizer_groups_embedding_lr_and_no_decay_on_gains():
     norm = m.model.norm.weight
     assert by_param[id(norm)]["lr"] == pytest.approx(1e-3) and by_param[id(norm)]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
+
+
+def test_recipe_overrides_apply_to_the_flat_config():
+    from trainer.reference import RECIPES, recipe_overrides
+
+    cfg = apply_overrides(TrainConfig(), recipe_overrides("cpu-student"))
+    r = RECIPES["cpu-student"]
+    assert (cfg.batch_size, cfg.lr, cfg.lr_embed_mult, cfg.precision) == (r.batch_size, r.lr, r.lr_embed_mult, r.precision)
