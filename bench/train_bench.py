@@ -2,19 +2,21 @@
 
 Reference teacher (``trainer.reference``, cached) and real corpus (People's Daily): the
 teacher's distributions over the first ``--docs`` train documents are captured once into
-four stores (top-k 8, top-k 32, sample, top-p; one teacher pass feeds all selections), then
-the same student (``student-tiny``, same steps, batch, seed, schedule, kd weight) is
-trained in this process, arm after arm:
+five stores (top-k 8, top-k 32, sample with 32 and with 12 draws, top-p; one teacher pass
+feeds all selections), then the same student (``student-tiny``, same steps, batch, seed,
+schedule, kd weight) is trained in this process, arm after arm:
 
-1. CE only (``kd_weight=0``)              4. cached ``sample`` (RS-KD draw frequencies)
-2. online full KD (teacher every step)    5. cached ``top_p``
-3. cached top-k, k = 8 and 32
+1. CE only (``kd_weight=0``)              4. cached ``sample`` (RS-KD draw frequencies), twice:
+2. online full KD (teacher every step)       32 draws, and 12 draws (about top-k 8's bytes)
+3. cached top-k, k = 8 and 32             5. cached ``top_p``
 
 Each arm reads the same store rows in the same order (the online and CE arms use the
 store's input ids and labels only). Reported per arm: held-out CE / perplexity on the
 validation split (true next token), full-vocabulary KL(teacher || student) on the same
 text, median step time (data + forward + loss + backward + step) and the store's bytes
-per token. Step times compare only within one run on one machine.
+per token; the modes on the Pareto front of CE vs bytes win at equal bytes. A second table
+times online vs cached steps for teachers of growing size (random init: the cost of a step
+does not depend on the weights). Step times compare only within one run on one machine.
 
     python bench/train_bench.py [--steps 300] [--docs 5000] [--threads 1] [--quick]
 """
@@ -36,20 +38,22 @@ from bench._report import markdown_table, write_section  # noqa: E402
 IMG = ROOT / "docs" / "img" / "train_bench.png"
 
 
-def _selections(samples: int, p: float, max_k: int):
+def _selections(samples: int, samples_small: int, p: float, max_k: int):
     from kdstore.format import Selection
 
     return {
         "topk8": Selection(mode="topk", k=8),
         "topk32": Selection(mode="topk", k=32),
         "sample": Selection(mode="sample", samples=samples, seed=0),
+        # Few draws: about top-k 8's bytes per token, for the equal-bytes comparison.
+        "sample_small": Selection(mode="sample", samples=samples_small, seed=0),
         "top_p": Selection(mode="top_p", p=p, max_k=max_k),
     }
 
 
-def capture(teacher_dir: Path, out: Path, *, docs: int, samples: int, p: float, max_k: int, max_length: int,
-            threads: int) -> dict[str, dict]:
-    """One teacher pass over the first ``docs`` train documents -> four stores (reused when present)."""
+def capture(teacher_dir: Path, out: Path, *, docs: int, samples: int, samples_small: int, p: float, max_k: int,
+            max_length: int, threads: int) -> dict[str, dict]:
+    """One teacher pass over the first ``docs`` train documents -> five stores (reused when present)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -58,8 +62,8 @@ def capture(teacher_dir: Path, out: Path, *, docs: int, samples: int, p: float, 
     from trainer.models import load_causal_lm
     from trainer.textdata import load_texts
 
-    sels = _selections(samples, p, max_k)
-    key = f"{teacher_dir.name}-d{docs}-s{samples}-p{p}-m{max_k}-L{max_length}"
+    sels = _selections(samples, samples_small, p, max_k)
+    key = f"{teacher_dir.name}-d{docs}-s{samples}-{samples_small}-p{p}-m{max_k}-L{max_length}"
     uris = {name: out / f"{key}-{name}" for name in sels}
     info_path = out / f"{key}.json"
     if not all((u / "manifest.json").exists() for u in uris.values()) or not info_path.exists():
@@ -79,7 +83,7 @@ def capture(teacher_dir: Path, out: Path, *, docs: int, samples: int, p: float, 
         m = kdstore.open(str(u)).manifest
         out_info[n] = {"uri": str(u), "bytes_per_token": store_bytes_per_token(u), "rows": m.totals["rows"],
                        "tokens": m.totals["tokens"], "entries_per_token": m.totals["entries"] / max(1, m.totals["tokens"]),
-                       "capture_seconds": info["per_store"][n]["seconds"]}
+                       "capture_seconds": info["per_store"][n]["seconds"], "capture_wall_seconds": info["wall_seconds"]}
     return out_info
 
 
@@ -100,6 +104,7 @@ def run_arms(arms: list[str], stores: dict[str, dict], teacher_dir: Path, work: 
         "topk8": dict(store=stores["topk8"]["uri"]),
         "topk32": dict(store=stores["topk32"]["uri"]),
         "sample": dict(store=stores["sample"]["uri"]),
+        "sample_small": dict(store=stores["sample_small"]["uri"]),
         "top_p": dict(store=stores["top_p"]["uri"]),
     }
     results = {}
@@ -113,15 +118,42 @@ def run_arms(arms: list[str], stores: dict[str, dict], teacher_dir: Path, work: 
     return results
 
 
+def step_time_sweep(presets: list[str], store_uri: str, teacher_dir: Path, work: Path, args) -> list[dict]:
+    """Median step time of online KD vs cached top-32 vs CE only, for teachers of several
+    sizes (weights at random init: a step's cost does not depend on what the model knows)."""
+    from trainer.config import TrainConfig
+    from trainer.models import build_causal_lm, count_parameters, load_causal_lm, vocab_size_of
+    from trainer.student import train
+
+    vocab = vocab_size_of(load_causal_lm(teacher_dir))
+    rows = []
+    for preset in presets:
+        tdir = work / "sweep" / preset
+        if not (tdir / "config.json").exists():
+            build_causal_lm(preset, vocab_size=vocab, seed=0).save_pretrained(tdir)
+        n_teacher = count_parameters(load_causal_lm(tdir))
+        common = dict(model=args.student, store=store_uri, max_steps=args.sweep_steps, batch_size=args.batch_size, lr=args.lr,
+                      seed=0, precision=args.precision, threads=args.threads, progress=False, plots=False, save_model=False,
+                      keep_checkpoints=1, save_every=0, log_every=args.sweep_steps, kd_weight=args.kd_weight)
+        times, student_params = {}, 0
+        for arm, extra in (("online", dict(online_teacher=str(tdir))), ("topk32", {}), ("ce", dict(kd_weight=0.0))):
+            print(f"\n=== step-time sweep: teacher {preset}, arm {arm} ===", flush=True)
+            res = train(TrainConfig(**{**common, **extra, "out_dir": str(work / "sweep" / f"{preset}-{arm}")}))
+            times[arm], student_params = res["step_time_median"], res["parameters"]
+        rows.append({"teacher": preset, "parameters": n_teacher, "ratio": n_teacher / student_params, **times})
+    return rows
+
+
 LABELS = {"ce": "CE only (kd_weight=0)", "online": "online full KD", "topk8": "cached top-k 8", "topk32": "cached top-k 32",
-          "sample": "cached sample", "top_p": "cached top-p"}
+          "sample": "cached sample", "sample_small": "cached sample (few draws)", "top_p": "cached top-p"}
+CACHED = ("topk8", "topk32", "sample", "sample_small", "top_p")
 
 
 def report(results: dict[str, dict], stores: dict[str, dict], teacher: dict, args) -> tuple[str, dict]:
     on = results.get("online")
     rows = []
     for arm, r in results.items():
-        store_key = {"ce": None, "online": None}.get(arm, arm)
+        store_key = arm if arm in CACHED else None
         bpt = stores[store_key]["bytes_per_token"] if store_key else math.nan
         ept = stores[store_key]["entries_per_token"] if store_key else math.nan
         d_ce = (r["eval_ce"] / on["eval_ce"] - 1) * 100 if on else math.nan
@@ -135,12 +167,16 @@ def report(results: dict[str, dict], stores: dict[str, dict], teacher: dict, arg
     verdict = {}
     if on and "topk32" in results:
         verdict["topk32_ce_within_1pct_of_online"] = abs(results["topk32"]["eval_ce"] / on["eval_ce"] - 1) <= 0.01
-    cached = [a for a in ("topk8", "topk32", "sample", "top_p") if a in results]
+    cached = [a for a in CACHED if a in results]
     if on and cached:
         verdict["min_cached_speedup"] = min(on["step_time_median"] / results[a]["step_time_median"] for a in cached)
-    if cached:
-        best = min(cached, key=lambda a: results[a]["eval_ce"] * stores[a]["bytes_per_token"])
-        verdict["best_ce_per_byte"] = best
+    # Equal bytes per token: a mode wins when no other arm has both fewer (or equal) bytes
+    # and lower held-out CE (the Pareto front of CE vs bytes).
+    verdict["pareto_front"] = [
+        a for a in cached
+        if not any(stores[b]["bytes_per_token"] <= stores[a]["bytes_per_token"] and results[b]["eval_ce"] < results[a]["eval_ce"]
+                   for b in cached if b != a)
+    ]
     return table, verdict
 
 
@@ -152,7 +188,7 @@ def plot(results: dict[str, dict], stores: dict[str, dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     ax = axes[0]
-    for arm in ("topk8", "topk32", "sample", "top_p"):
+    for arm in CACHED:
         if arm in results:
             ax.scatter(stores[arm]["bytes_per_token"], results[arm]["eval_ce"], s=60)
             ax.annotate(LABELS[arm].replace("cached ", ""), (stores[arm]["bytes_per_token"], results[arm]["eval_ce"]),
@@ -185,11 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", default="student-tiny")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--samples", type=int, default=32, help="draws per position for the sample store")
+    ap.add_argument("--samples-small", type=int, default=12, help="draws per position for the few-draws sample store")
     ap.add_argument("--p", type=float, default=0.9, help="top-p threshold")
     ap.add_argument("--max-k", type=int, default=32, help="top-p cap")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default); 1 on a shared machine")
-    ap.add_argument("--arms", default="ce,online,topk8,topk32,sample,top_p")
+    ap.add_argument("--arms", default="ce,online,topk8,topk32,sample,sample_small,top_p")
+    ap.add_argument("--sweep", default="teacher-small,teacher-base",
+                    help="teacher presets (random init) for the step-time-vs-teacher-size table ('' = skip)")
+    ap.add_argument("--sweep-steps", type=int, default=20)
     ap.add_argument("--teacher", default=None, help="a HF model dir instead of the reference teacher (smoke tests)")
     ap.add_argument("--cache-dir", default=None, help="reference teacher cache (default $KDSTORE_CACHE or ~/.cache/kdstore)")
     ap.add_argument("--work", default=str(ROOT / ".cache" / "train_bench"), help="stores and runs")
@@ -216,18 +256,24 @@ def main(argv: list[str] | None = None) -> int:
         teacher = reference_info(teacher_dir)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    stores = capture(teacher_dir, work / "stores", docs=args.docs, samples=args.samples, p=args.p, max_k=args.max_k,
-                     max_length=args.max_length, threads=args.threads)
-    capture_s = time.perf_counter() - t0
+    stores = capture(teacher_dir, work / "stores", docs=args.docs, samples=args.samples, samples_small=args.samples_small,
+                     p=args.p, max_k=args.max_k, max_length=args.max_length, threads=args.threads)
+    capture_s = next(iter(stores.values()))["capture_wall_seconds"]  # when the stores were made (maybe an earlier run)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     results = run_arms(arms, stores, teacher_dir, work, args)
+    sweep = step_time_sweep([t for t in args.sweep.split(",") if t], stores["topk32"]["uri"], teacher_dir, work, args)
     total_s = time.perf_counter() - t_all
     table, verdict = report(results, stores, teacher, args)
     student_params = next(iter(results.values()))["parameters"]
     print("\n" + table)
     print(json.dumps(verdict, indent=1))
-    (work / "results.json").write_text(json.dumps({"results": results, "stores": stores, "verdict": verdict}, indent=1,
+    sweep_table = markdown_table(
+        ["teacher (random init)", "parameters", "teacher/student", "online KD step ms", "cached top-32 step ms",
+         "CE-only step ms", "cached speed-up"],
+        [[r["teacher"], f"{r['parameters']:,}", f"{r['ratio']:.1f}x", r["online"] * 1000, r["topk32"] * 1000,
+          r["ce"] * 1000, f"{r['online'] / r['topk32']:.2f}x"] for r in sweep]) if sweep else ""
+    print("\n" + sweep_table)
+    (work / "results.json").write_text(json.dumps({"results": results, "stores": stores, "verdict": verdict, "sweep": sweep}, indent=1,
                                                   default=str))
     if args.quick:
         return 0
@@ -241,7 +287,7 @@ Teacher: `{teacher['recipe']['model']}` ({teacher['parameters']:,} parameters, h
 {args.lr} (embeddings x{args.lr_embed_mult:g}), seed 0, precision {args.precision}, kd_weight {args.kd_weight} (CE-only: 0), forward KL with tail
 bucket at T=1, torch threads {torch.get_num_threads()}. Data: the first {args.docs} People's Daily train documents
 (windows of up to {args.max_length} tokens), captured once with `trainer.cache_local.cache_with_model` (one
-teacher pass feeding all four selections; `kd cache` runs one Beam job per selection). Held-out: the validation
+teacher pass feeding all five selections; `kd cache` runs one Beam job per selection). Held-out: the validation
 split ({results[arms[0]]['eval_tokens']:,} target tokens), CE against the true next token and full-vocabulary
 KL(teacher ‖ student). Step time: median wall time of a training step (data, forward, loss, backward, optimizer);
 "step CPU ms" is the process CPU time of the step (all threads), which is what an uncontended machine would take
@@ -255,8 +301,16 @@ Stores (sample: {args.samples} draws per position; top-p: p = {args.p}, at most 
 
 Targets: cached top-32 within 1% of online KD's held-out CE: **{verdict.get('topk32_ce_within_1pct_of_online')}**;
 slowest cached arm vs online KD: **{verdict.get('min_cached_speedup', float('nan')):.2f}x** faster (target >= 2x with a
-teacher >= 4x the student). Capture of the four stores: {capture_s:.0f} s (reused when present); whole benchmark
+teacher >= 4x the student). Capture of the five stores (one teacher pass): {capture_s:.0f} s (reused by later runs); this run
 {total_s / 60:.1f} min.
+
+Equal bytes per token (the Pareto front of held-out CE vs store bytes, cached arms):
+**{", ".join(LABELS[a] for a in verdict["pareto_front"])}**.
+
+Step time against teacher size ({args.sweep_steps} steps per arm, median; teachers at random init, same student,
+store and batch as above):
+
+{sweep_table}
 
 ![held-out CE vs store bytes, step times](img/train_bench.png)
 """

@@ -52,8 +52,30 @@ def test_demo_fidelity_is_within_the_quantization_bound(demo_report):
     assert fi["positions"] > 100
     # 8-bit codes: the KL from the teacher (kept entries + tail bucket) to the stored
     # distribution is quantization error only, well under 1e-3 nats/position.
-    assert 0 <= fi["kl_bucket"] < 1e-3
+    assert fi["kl_what"] == "KL(teacher ‖ stored, kept+tail)"
+    assert 0 <= fi["kl"] < 1e-3
     assert 0 < fi["kept_mass"] <= 1
+
+
+def test_sample_mode_fidelity_is_sampling_noise_that_shrinks_with_draws(demo_report, tmp_path):
+    """In ``sample`` mode there is no tail: the fidelity KL runs from the draw frequencies to
+    the teacher's full distribution, finite, and smaller with more draws."""
+    import dataclasses
+    from pathlib import Path
+
+    from trainer.demo import _capture, store_fidelity
+
+    out, report = demo_report
+    teacher_dir = Path(report["teacher"]["dir"])
+    cfg = DemoConfig(**{**report["config"], "progress": False})
+    kls = {}
+    for draws in (4, 256):
+        uri = str(tmp_path / f"s{draws}")
+        _capture(dataclasses.replace(cfg, select="sample", samples=draws), teacher_dir, out / "corpus" / "train.txt", uri)
+        fi = store_fidelity(kdstore.open(uri), teacher_dir, windows=8)
+        assert fi["kl_what"] == "KL(stored frequencies ‖ teacher)"
+        kls[draws] = fi["kl"]
+    assert 0 < kls[256] < kls[4] < 10, kls
 
 
 def test_demo_student_beats_its_ce_baseline(demo_report):

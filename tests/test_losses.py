@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import ce_loss, dense_kd_loss, mix, sparse_kd_loss
+from trainer.losses import ce_and_dense_kd_loss, ce_and_sparse_kd_loss, ce_loss, dense_kd_loss, mix, sparse_kd_loss
 
 # Student logits ln(1..4): softmax q = [0.1, 0.2, 0.3, 0.4].
 Q = [0.1, 0.2, 0.3, 0.4]
@@ -158,10 +158,12 @@ def test_sample_mode_frequencies_are_an_unbiased_target():
     want = x.grad.clone()
     # Many independent sampled targets as positions of one batch: the mean gradient over positions.
     d = torch.multinomial(p, draws * S, replacement=True, generator=g).view(draws, S)
-    idx = torch.sort(d, -1).values
-    freq = torch.full((draws, S), 1.0 / S)
+    # As stored: unique ids per position with their draw frequencies (padding: prob 0).
+    counts = torch.zeros(draws, V).scatter_add_(1, d, torch.ones(draws, S))
+    idx = torch.arange(V).expand(draws, V)
+    freq = counts / S
     xs = logits.expand(1, draws, V).clone().requires_grad_(True)
-    sparse_kd_loss(xs, idx.view(1, draws, S), freq.view(1, draws, S), torch.zeros(1, draws),
+    sparse_kd_loss(xs, idx.reshape(1, draws, V), freq.view(1, draws, V), torch.zeros(1, draws),
                    torch.ones(1, draws, dtype=torch.bool)).backward()
     got = xs.grad.sum(1).view(V)  # mean over positions is folded into the loss's 1/n
     assert torch.allclose(got, want.view(V), atol=0.02)
@@ -193,3 +195,90 @@ def test_bf16_logits_are_computed_in_fp32():
     a = sparse_kd_loss(logits.bfloat16(), idx, vals, tail, mask)
     b = sparse_kd_loss(logits.bfloat16().float(), idx, vals, tail, mask)
     assert a.dtype == torch.float32 and a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def _reference_sparse(logits, idx, p, tail, kind):
+    """Float64 (K+1)-bucket KL per position, the definition written out directly."""
+    z = logits.double()
+    q = torch.softmax(z, -1)
+    qk = torch.gather(q, -1, idx)
+    q_tail = (1 - qk.sum(-1)).clamp_min(1e-300)
+    p, tail = p.double(), tail.double()
+    fwd = (p * (p.log() - qk.log())).sum(-1) + tail * (tail.log() - q_tail.log())
+    rev = (qk * (qk.log() - p.log())).sum(-1) + q_tail * (q_tail.log() - tail.log())
+    per = {"forward": fwd, "reverse": rev, "symmetric": 0.5 * (fwd + rev)}[kind]
+    return per.mean()
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "symmetric"])
+@pytest.mark.parametrize("confident", [False, True])
+def test_sparse_matches_float64_definition_values_and_gradients(kind, confident):
+    """Both tail computations: log(1 - kept mass) for ordinary rows, and the exact
+    log-sum-exp over non-kept classes when the student's kept mass is within 1e-3 of 1."""
+    logits, teacher, p_full, idx, vals, tail, _ = _random_case(B=2, T=4, V=50, K=5, seed=7)
+    if confident:
+        logits = logits.scatter_add(-1, idx, torch.full(idx.shape, 14.0))  # kept mass ~ 1 - 1e-5
+    mask = torch.ones(logits.shape[:-1], dtype=torch.bool)
+    x = logits.clone().requires_grad_(True)
+    got = sparse_kd_loss(x, idx, vals, tail, mask, kind=kind)
+    got.backward()
+    xr = logits.double().requires_grad_(True)
+    want = _reference_sparse(xr, idx, vals, tail, kind)
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
+    assert torch.allclose(x.grad.double(), xr.grad, rtol=1e-3, atol=1e-6)
+
+
+def _grads(fn, logits):
+    x = logits.clone().requires_grad_(True)
+    ce, kd = fn(x)
+    (0.3 * ce + 0.7 * kd).backward()
+    return ce.detach(), kd.detach(), x.grad
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "symmetric"])
+@pytest.mark.parametrize("tail_bucket", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("padding_heavy", [False, True])
+def test_fused_ce_and_sparse_kd_equal_the_separate_losses(kind, tail_bucket, temperature, padding_heavy):
+    logits, _, _, idx, vals, tail, _ = _random_case(B=3, T=6, V=40, K=6, seed=3)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 40, (3, 6), generator=g)
+    labels[0, :2] = -100  # unlabelled positions
+    kd_mask = torch.ones(3, 6, dtype=torch.bool)
+    kd_mask[2, 4:] = False  # a KD mask that differs from the label mask
+    if padding_heavy:  # short rows: most positions are padding (the compacted-rows path)
+        labels[:, 3:] = -100
+        kd_mask[:, 3:] = False
+        kd_mask[1, 5] = True  # a KD target where there is no label
+    kw = dict(kind=kind, tail_bucket=tail_bucket, temperature=temperature)
+    ce_f, kd_f, g_f = _grads(lambda x: ce_and_sparse_kd_loss(x, labels, idx, vals, tail, kd_mask, **kw), logits)
+    ce_s, kd_s, g_s = _grads(lambda x: (ce_loss(x, labels), sparse_kd_loss(x, idx, vals, tail, kd_mask, **kw)), logits)
+    assert ce_f.item() == pytest.approx(ce_s.item(), rel=1e-5)
+    assert kd_f.item() == pytest.approx(kd_s.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(g_f, g_s, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+@pytest.mark.parametrize("valid_len", [6, 3])
+def test_fused_ce_and_dense_kd_equal_the_separate_losses(kind, valid_len):
+    logits, teacher, *_ = _random_case(B=2, T=8, V=30, K=3, seed=5)
+    labels = torch.randint(0, 30, (2, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, valid_len:] = False
+    labels[1, valid_len:] = -100
+    labels[0, 7] = -100
+    ce_f, kd_f, g_f = _grads(lambda x: ce_and_dense_kd_loss(x, labels, teacher[..., :27], mask, kind=kind), logits)
+    ce_s, kd_s, g_s = _grads(lambda x: (ce_loss(x, labels), dense_kd_loss(x, teacher[..., :27], mask, kind=kind)), logits)
+    assert (ce_f.item(), kd_f.item()) == (pytest.approx(ce_s.item(), rel=1e-5), pytest.approx(kd_s.item(), rel=1e-5))
+    assert torch.allclose(g_f, g_s, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_losses_all_masked_are_zero_not_nan():
+    logits, teacher, _, idx, vals, tail, _ = _random_case(B=2, T=4, V=12, K=3)
+    labels = torch.full((2, 4), -100)
+    none = torch.zeros(2, 4, dtype=torch.bool)
+    for fn in (lambda x: ce_and_sparse_kd_loss(x, labels, idx, vals, tail, none),
+               lambda x: ce_and_dense_kd_loss(x, labels, teacher, none)):
+        ce, kd, grad = _grads(fn, logits)
+        assert ce.item() == 0.0 and kd.item() == 0.0 and torch.count_nonzero(grad) == 0

@@ -18,9 +18,15 @@ chunk are alive at a time, forward and backward (results equal the unchunked one
 The sparse KL treats the kept entries plus one *tail bucket* as a (K+1)-class
 distribution: the teacher's tail mass against the student's mass on every class that is
 not kept. With all classes kept (K = V) it is the dense KL. A slot is a kept entry when
-its probability is > 0 (padding slots hold probability 0). In ``sample`` mode the stored
+its probability is > 0 (padding slots hold probability 0); kept indices are unique within
+a position (the store guarantees it). In ``sample`` mode the stored
 draw frequencies (tail 0) are the target: forward KL is then the RS-KD estimator, an
 unbiased estimate of the full cross-entropy up to a constant.
+
+The trainer calls :func:`ce_and_sparse_kd_loss` / :func:`ce_and_dense_kd_loss`: the same
+two numbers as the separate losses (tested values and gradients), but from one fp32
+log-softmax over ``[N, V]`` -- for a small student that tensor is the largest of the step,
+so sharing it is what keeps a cached-KD step close to a CE-only step.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ KINDS = ("forward", "reverse", "symmetric")
 # would give NaN gradients when every class is kept) and far below any real logit after
 # the row maximum is subtracted, so exp() underflows to exactly 0.
 _MASKED = -1.0e4
+# Student tail mass below which log(1 - kept mass) is recomputed exactly (fp32 cancellation).
+_EXACT_TAIL = 1e-3
 
 
 def _check_kind(kind: str) -> None:
@@ -64,24 +72,33 @@ def _reduce_positions(
     flat = logits.reshape(-1, V)
     n_all = flat.shape[0]
     flat_extras = tuple(e.reshape(n_all, *e.shape[mask.dim():]) for e in extras)
-    rows = mask.reshape(-1).nonzero().squeeze(1)
+    flat_mask = mask.reshape(-1)
+    rows = flat_mask.nonzero().squeeze(1)
     n = rows.numel()
-    # Zero that keeps the graph connected: backward gives zero gradients, not an error.
-    total = flat.sum().float() * 0.0
-    if n:
-        step = n if chunk_size <= 0 else chunk_size
+    if n == 0:
+        # Zero that keeps the graph connected: backward gives zero gradients, not an error.
+        return flat.sum().float() * 0.0
 
-        def part(x_all: torch.Tensor, r: torch.Tensor, *ex: torch.Tensor) -> torch.Tensor:
-            return fn(x_all.index_select(0, r), *(e.index_select(0, r) for e in ex)).sum()
+    def part(x_all: torch.Tensor, r: torch.Tensor, *ex: torch.Tensor) -> torch.Tensor:
+        return fn(x_all.index_select(0, r), *(e.index_select(0, r) for e in ex)).sum()
 
-        use_ckpt = chunk_size > 0 and n > chunk_size and torch.is_grad_enabled() and flat.requires_grad
-        for s in range(0, n, step):
-            r = rows[s : s + step]
+    if chunk_size <= 0 or n <= chunk_size:
+        if 4 * n >= 3 * n_all:
+            # Mostly valid: compute every row and mask the result, which saves gathering the
+            # rows (a copy of [n, V]) and scattering their gradient back (two more passes).
+            total = torch.where(flat_mask, fn(flat, *flat_extras), 0.0).sum()
+        else:
+            total = part(flat, rows, *flat_extras)
+    else:
+        total = flat.sum().float() * 0.0
+        use_ckpt = torch.is_grad_enabled() and flat.requires_grad
+        for s in range(0, n, chunk_size):
+            r = rows[s : s + chunk_size]
             if use_ckpt:
                 total = total + checkpoint(part, flat, r, *flat_extras, use_reentrant=False)
             else:
                 total = total + part(flat, r, *flat_extras)
-    return total / max(n, 1) if reduction == "mean" else total
+    return total / n if reduction == "mean" else total
 
 
 # -- cross-entropy -------------------------------------------------------------------------
@@ -91,31 +108,62 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 0, 
     mask = labels != IGNORE_INDEX
 
     def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(x.float(), y, reduction="none")
+        return F.cross_entropy(x.float(), y, reduction="none", ignore_index=IGNORE_INDEX)
 
     return _reduce_positions(fn, logits, mask, (labels,), chunk_size=chunk_size, reduction=reduction)
 
 
 # -- sparse KD (stored targets) ------------------------------------------------------------
+def _student_tail(z: torch.Tensor, logq: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
+                  tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log q_tail [n], p_tail [n])``: the student's log-mass outside the kept classes and the
+    teacher's tail (0 where every class is kept: a stored tail there is quantization noise).
+
+    ``log(1 - sum q_kept)`` costs O(n K) but loses precision when the kept mass is near 1;
+    those rows (tail < ``_EXACT_TAIL``) are recomputed exactly as a log-sum-exp over the
+    classes that are not kept (O(V) per row, only for them).
+    """
+    q_kept = (logq.exp() * valid).sum(-1)  # kept ids are unique per position (the store's rule)
+    # The clamp also zeroes the gradient of rows replaced below (no 0 * inf in backward).
+    logq_tail = torch.log1p(-q_kept.clamp(max=1.0 - _EXACT_TAIL))
+    p_tail = tail.float().clamp_min(0.0)
+    exact = (q_kept > 1.0 - _EXACT_TAIL).nonzero().squeeze(1)
+    if exact.numel():
+        zr = z.index_select(0, exact)
+        # scatter_add, not a boolean scatter: deterministic when padding repeats an index.
+        kept = torch.zeros_like(zr).scatter_add_(1, idx.index_select(0, exact), valid.index_select(0, exact).to(zr.dtype)) > 0
+        zr = zr - zr.max(-1, keepdim=True).values.detach()  # so the finite fill underflows to 0
+        exact_tail = torch.logsumexp(zr.masked_fill(kept, _MASKED), -1) - torch.logsumexp(zr, -1)
+        logq_tail = logq_tail.index_put((exact,), exact_tail)
+        full = exact[kept.all(-1)]
+        if full.numel():
+            p_tail = p_tail.index_put((full,), torch.zeros_like(full, dtype=p_tail.dtype))
+    return logq_tail, p_tail
+
+
 def _sparse_rows(
     x: torch.Tensor, idx: torch.Tensor, p: torch.Tensor, tail: torch.Tensor,
     *, kind: str, temperature: float, tail_bucket: bool, eps: float,
 ) -> torch.Tensor:
     """Per-position sparse KL: x ``[n, V]`` student logits, idx/p ``[n, K]``, tail ``[n]``."""
-    z = x.float() / temperature
-    z = z - z.max(-1, keepdim=True).values.detach()  # stable; does not change the softmax
-    log_z = torch.logsumexp(z, -1)  # [n]
+    z = x.float()
+    if temperature != 1.0:
+        z = z / temperature
+    logq = torch.gather(z, 1, idx) - torch.logsumexp(z, -1, keepdim=True)  # [n, K] student log-probs of kept classes
+    return _sparse_terms(z, logq, idx, p, tail, kind=kind, tail_bucket=tail_bucket, eps=eps)
+
+
+def _sparse_terms(
+    z: torch.Tensor, logq: torch.Tensor, idx: torch.Tensor, p: torch.Tensor, tail: torch.Tensor,
+    *, kind: str, tail_bucket: bool, eps: float,
+) -> torch.Tensor:
+    """Per-position sparse KL from the student's logits ``z [n, V]`` (at the KD temperature,
+    any per-row shift: log-probabilities work too) and their log-probabilities at the kept
+    indices ``logq [n, K]``."""
     p = p.float()
     valid = p > 0
-    logq = torch.gather(z, 1, idx) - log_z[:, None]  # [n, K] student log-probs of kept classes
     if tail_bucket:
-        # Student mass on every class that is not kept (kept_count handles duplicate
-        # padding indices: scatter_add is deterministic where a boolean scatter is not).
-        kept = torch.zeros_like(z).scatter_add_(1, idx, valid.to(z.dtype)) > 0
-        logq_tail = torch.logsumexp(z.masked_fill(kept, _MASKED), -1) - log_z  # [n]
-        # A position that keeps every class has no tail class: its stored tail is
-        # quantization noise, not mass the student could put anywhere.
-        p_tail = torch.where(kept.all(-1), torch.zeros_like(tail), tail.float().clamp_min(0.0))
+        logq_tail, p_tail = _student_tail(z, logq, idx, valid, tail)
         fwd = (torch.xlogy(p, p) - p * logq).masked_fill(~valid, 0.0).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * logq_tail
         if kind == "forward":
             return fwd
@@ -135,6 +183,17 @@ def _sparse_rows(
         logp_n = torch.log(p_n.clamp_min(eps))
         rev = (logq_n.exp() * (logq_n - logp_n)).masked_fill(~valid, 0.0).sum(-1)
     return rev if kind == "reverse" else 0.5 * (fwd + rev)
+
+
+def _check_sparse_args(kind: str, logits: torch.Tensor, kd_indices: torch.Tensor) -> None:
+    _check_kind(kind)
+    if kd_indices.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(f"kd_indices {tuple(kd_indices.shape)} do not match logits {tuple(logits.shape)}")
+    if kd_indices.numel() and int(kd_indices.max()) >= logits.shape[-1]:
+        raise ValueError(
+            f"teacher index {int(kd_indices.max())} >= student vocabulary {logits.shape[-1]}: resize the student's "
+            "embeddings to the store's (or alignment's) vocab_size"
+        )
 
 
 def sparse_kd_loss(
@@ -159,14 +218,7 @@ def sparse_kd_loss(
     log-probabilities at ``log(eps)`` (a kept class or tail of probability 0 would make it
     infinite). Indices must be < V (the student's vocabulary, aligned if needed).
     """
-    _check_kind(kind)
-    if kd_indices.shape[:-1] != logits.shape[:-1]:
-        raise ValueError(f"kd_indices {tuple(kd_indices.shape)} do not match logits {tuple(logits.shape)}")
-    if kd_indices.numel() and int(kd_indices.max()) >= logits.shape[-1]:
-        raise ValueError(
-            f"teacher index {int(kd_indices.max())} >= student vocabulary {logits.shape[-1]}: resize the student's "
-            "embeddings to the store's (or alignment's) vocab_size"
-        )
+    _check_sparse_args(kind, logits, kd_indices)
 
     def fn(x, idx, p, tail):
         return _sparse_rows(x, idx, p, tail, kind=kind, temperature=temperature, tail_bucket=tail_bucket, eps=eps)
@@ -177,19 +229,39 @@ def sparse_kd_loss(
 
 # -- dense KD (online teacher) -------------------------------------------------------------
 def _dense_rows(x: torch.Tensor, t: torch.Tensor, *, kind: str, temperature: float, eps: float) -> torch.Tensor:
-    logq = F.log_softmax(x.float() / temperature, -1)
-    t = t.float() / temperature
-    if t.shape[-1] < logq.shape[-1]:
-        # The student's extra (padding) classes have teacher probability 0.
-        t = F.pad(t, (0, logq.shape[-1] - t.shape[-1]), value=-math.inf)
-    logp = F.log_softmax(t, -1)
-    p = logp.exp()
-    fwd = (p * (logp.clamp_min(-1e30) - logq)).sum(-1)  # 0 * finite where p == 0
+    z = x.float()
+    logq = F.log_softmax(z / temperature if temperature != 1.0 else z, -1)
+    return _dense_terms(logq, t, kind=kind, temperature=temperature, eps=eps)
+
+
+def _dense_terms(logq: torch.Tensor, t: torch.Tensor, *, kind: str, temperature: float, eps: float) -> torch.Tensor:
+    """Per-position dense KL from the student's log-probabilities ``logq [n, V]`` (at the KD
+    temperature) and the teacher's logits ``t [n, V']``."""
+    with torch.no_grad():  # the teacher side is a constant: no graph, fewer passes
+        t = t.float() / temperature
+        if t.shape[-1] < logq.shape[-1]:
+            # The student's extra (padding) classes have teacher probability 0.
+            t = F.pad(t, (0, logq.shape[-1] - t.shape[-1]), value=-math.inf)
+        logp = F.log_softmax(t, -1)
+        p = logp.exp()
+        neg_entropy = (p * logp.clamp_min(-1e30)).sum(-1)  # 0 * finite where p == 0
+    fwd = neg_entropy - (p * logq).sum(-1)
     if kind == "forward":
         return fwd
     q = logq.exp()
     rev = (q * (logq - logp.clamp_min(math.log(eps)))).sum(-1)
     return rev if kind == "reverse" else 0.5 * (fwd + rev)
+
+
+def _check_dense_args(kind: str, logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    _check_kind(kind)
+    if teacher_logits.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match student logits {tuple(logits.shape)}")
+    if teacher_logits.shape[-1] > logits.shape[-1]:
+        raise ValueError(
+            f"teacher vocabulary {teacher_logits.shape[-1]} > student vocabulary {logits.shape[-1]}: build the student "
+            "with the teacher's (padded) vocab_size"
+        )
 
 
 def dense_kd_loss(
@@ -206,20 +278,115 @@ def dense_kd_loss(
     """Full-vocabulary KL (nats, times ``T**2``) between teacher logits ``[..., V']`` and
     student logits ``[..., V]`` (V' <= V: the student's extra classes get teacher mass 0),
     both divided by ``temperature``; ``mask [...]`` selects positions."""
-    _check_kind(kind)
-    if teacher_logits.shape[:-1] != logits.shape[:-1]:
-        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match student logits {tuple(logits.shape)}")
-    if teacher_logits.shape[-1] > logits.shape[-1]:
-        raise ValueError(
-            f"teacher vocabulary {teacher_logits.shape[-1]} > student vocabulary {logits.shape[-1]}: build the student "
-            "with the teacher's (padded) vocab_size"
-        )
+    _check_dense_args(kind, logits, teacher_logits)
 
     def fn(x, t):
         return _dense_rows(x, t.detach(), kind=kind, temperature=temperature, eps=eps)
 
     loss = _reduce_positions(fn, logits, mask.bool(), (teacher_logits,), chunk_size=chunk_size, reduction=reduction)
     return loss * temperature**2
+
+
+# -- CE and KD from one log-softmax ----------------------------------------------------------
+def ce_and_sparse_kd_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    kd_indices: torch.Tensor,
+    kd_probs: torch.Tensor,
+    kd_tail: torch.Tensor,
+    kd_mask: torch.Tensor,
+    *,
+    kind: str = "forward",
+    temperature: float = 1.0,
+    tail_bucket: bool = True,
+    chunk_size: int = 0,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce_loss(...), sparse_kd_loss(...))`` (both ``"mean"``), equal to the two separate
+    calls; at ``temperature=1`` without chunking both come from one fp32 log-softmax of
+    ``logits [..., V]``, which saves the second pass over ``[N, V]`` forward and backward
+    (the largest tensor of a small model's step)."""
+    _check_sparse_args(kind, logits, kd_indices)
+    if temperature != 1.0 or chunk_size > 0:
+        ce = ce_loss(logits, labels, chunk_size=chunk_size)
+        return ce, sparse_kd_loss(logits, kd_indices, kd_probs, kd_tail, kd_mask, kind=kind, temperature=temperature,
+                                  tail_bucket=tail_bucket, chunk_size=chunk_size, eps=eps)
+    K = kd_indices.shape[-1]
+
+    def kd_rows(lsm: torch.Tensor, lsm_kept: torch.Tensor, m: torch.Tensor, take: _Take) -> torch.Tensor:
+        # Masked positions get an all-padding target (p = 0, tail = 0): finite, then dropped.
+        p = torch.where(m[:, None], take(kd_probs.reshape(-1, K)).float(), 0.0)
+        tail = torch.where(m, take(kd_tail.reshape(-1)).float(), 0.0)
+        return _sparse_terms(lsm, lsm_kept, take(kd_indices.reshape(-1, K)), p, tail, kind=kind, tail_bucket=tail_bucket,
+                             eps=eps)
+
+    return _ce_with_kd(logits, labels, kd_mask, kd_rows, kd_indices.reshape(-1, K))
+
+
+def ce_and_dense_kd_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kind: str = "forward",
+    temperature: float = 1.0,
+    chunk_size: int = 0,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce_loss(...), dense_kd_loss(...))`` from one log-softmax when ``temperature=1`` and
+    unchunked (the online-teacher baseline gets the same saving as the cached path)."""
+    _check_dense_args(kind, logits, teacher_logits)
+    if temperature != 1.0 or chunk_size > 0:
+        ce = ce_loss(logits, labels, chunk_size=chunk_size)
+        return ce, dense_kd_loss(logits, teacher_logits, mask, kind=kind, temperature=temperature, chunk_size=chunk_size, eps=eps)
+    t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
+
+    def kd_rows(lsm: torch.Tensor, lsm_kept: torch.Tensor, m: torch.Tensor, take: _Take) -> torch.Tensor:
+        return _dense_terms(lsm, take(t_flat), kind=kind, temperature=1.0, eps=eps)
+
+    return _ce_with_kd(logits, labels, mask, kd_rows, None)
+
+
+_Take = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _ce_with_kd(
+    logits: torch.Tensor, labels: torch.Tensor, kd_mask: torch.Tensor,
+    kd_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, _Take], torch.Tensor], kd_indices: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE over labelled positions and mean KD over ``kd_mask``, sharing one
+    ``lsm = log_softmax(logits)`` over the positions either loss needs.
+
+    ``kd_rows(lsm [n, V], lsm at the kd_indices [n, K], kd mask [n], take) -> [n]`` gets the
+    computed rows only; ``take(t)`` selects those rows of a flattened ``[N, ...]`` tensor.
+    """
+    if kd_mask.shape != logits.shape[:-1] or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} / mask {tuple(kd_mask.shape)} do not match logits {tuple(logits.shape)}")
+    flat = logits.reshape(-1, logits.shape[-1])
+    y = labels.reshape(-1)
+    ce_m, kd_m = y != IGNORE_INDEX, kd_mask.reshape(-1).bool()
+    used = ce_m | kd_m
+    n_used = int(used.sum())
+    if 4 * n_used >= 3 * used.numel():
+        # Mostly valid: compute every row and mask the results (no gather/scatter of [N, V]).
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t
+    else:
+        # Padding-heavy batches (short documents): only the rows either loss needs.
+        rows = used.nonzero().squeeze(1)
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, rows)
+
+        flat, y, ce_m, kd_m = take(flat), take(y), take(ce_m), take(kd_m)
+    lsm = F.log_softmax(flat.float(), -1)
+    # One gather for the label and the kept entries: its backward is one scatter into [n, V].
+    yc = y.clamp_min(0)[:, None]
+    picked = torch.gather(lsm, 1, yc if kd_indices is None else torch.cat([yc, take(kd_indices)], 1))
+    ce = torch.where(ce_m, -picked[:, 0], 0.0).sum() / ce_m.sum().clamp_min(1)
+    kd = torch.where(kd_m, kd_rows(lsm, picked[:, 1:], kd_m, take), 0.0).sum() / kd_m.sum().clamp_min(1)
+    return ce, kd
 
 
 def mix(ce: torch.Tensor, kd: torch.Tensor, kd_weight: float) -> torch.Tensor:

@@ -32,7 +32,7 @@ def resolve_precision(device: torch.device) -> str:
 class Dist:
     """Process group state (a single process when WORLD_SIZE is unset or 1)."""
 
-    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device, started: bool) -> None:
+    def __init__(self, *, rank: int, world_size: int, local_rank: int, device: torch.device, started: bool) -> None:
         self.rank, self.world_size, self.local_rank, self.device, self._started = rank, world_size, local_rank, device, started
 
     @property
@@ -62,7 +62,7 @@ class Dist:
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
             started = True
-        return cls(rank, world, local_rank, device, started)
+        return cls(rank=rank, world_size=world, local_rank=local_rank, device=device, started=started)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:

@@ -20,7 +20,7 @@ from trainer.runtime import Dist
 class TrainData:
     """The training batches (a store or text windows), endlessly over epochs, resumable."""
 
-    def __init__(self, loader: Any, *, kind: str, vocab_size: int, tokenizer: Any, remap: Any, store: Any, info: str) -> None:
+    def __init__(self, *, loader: Any, kind: str, vocab_size: int, tokenizer: Any, remap: Any, store: Any, info: str) -> None:
         self.loader, self.kind, self.vocab_size, self.tokenizer, self.remap, self.store = loader, kind, vocab_size, tokenizer, remap, store
         self._info = info
         self._it = None
@@ -45,7 +45,7 @@ class TrainData:
             tok = load_tokenizer(cfg.tokenizer or store.manifest.teacher.name_or_path, required=bool(cfg.tokenizer))
             mode = sel.mode + (f" k={sel.k}" if sel.mode == "topk" else f" p={sel.p}" if sel.mode == "top_p" else f" n={sel.samples}")
             info = f"store {cfg.store} ({store.num_rows} rows, {mode}" + (f", aligned vocab {vocab}" if remap is not None else "") + ")"
-            return cls(loader, kind="store", vocab_size=vocab, tokenizer=tok, remap=remap, store=store, info=info)
+            return cls(loader=loader, kind="store", vocab_size=vocab, tokenizer=tok, remap=remap, store=store, info=info)
         from trainer.textdata import TextBatches, encode_texts, load_texts, packed_windows  # noqa: PLC0415
 
         if not cfg.tokenizer:
@@ -56,7 +56,7 @@ class TrainData:
         loader = TextBatches(windows, batch_size=cfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                              drop_last=True, pad_id=tok.pad_token_id or 0)
         info = f"text {cfg.train_text} ({len(texts)} docs, {len(windows)} windows of {cfg.seq_len})"
-        return cls(loader, kind="text", vocab_size=padded_vocab(len(tok), cfg.pad_vocab_multiple), tokenizer=tok, remap=None,
+        return cls(loader=loader, kind="text", vocab_size=padded_vocab(len(tok), cfg.pad_vocab_multiple), tokenizer=tok, remap=None,
                    store=None, info=info)
 
     def describe(self) -> str:

@@ -13,7 +13,8 @@ Loss (per micro-batch, fp32, averaged over valid positions)::
 
 where KD is the sparse KL to the store's targets (:func:`trainer.losses.sparse_kd_loss`)
 or, with ``online_teacher=DIR``, the full-vocabulary KL to a teacher run on every batch
-(:func:`trainer.losses.dense_kd_loss`); ``kd_weight=0`` is the CE-only baseline.
+(:func:`trainer.losses.dense_kd_loss`); ``kd_weight=0`` is the CE-only baseline. CE and KD
+share one log-softmax (:func:`trainer.losses.ce_and_sparse_kd_loss`, ``ce_and_dense_kd_loss``).
 
 Data parallel: run under ``torchrun --nproc_per_node N -m kdstore.cli train student ...``;
 each rank reads its own shard of the store (or of the text windows), gradients are
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from trainer import checkpoint as ckpt_io
 from trainer.config import TrainConfig, apply_overrides, format_config, from_dict, to_dict
 from trainer.evaluate import autocast, evaluate, model_inputs
-from trainer.losses import ce_loss, dense_kd_loss, mix, sparse_kd_loss
+from trainer.losses import ce_and_dense_kd_loss, ce_and_sparse_kd_loss, ce_loss, mix
 from trainer.models import PRESETS, count_parameters, vocab_size_of
 from trainer.runlog import RunLog, json_safe, mean, median
 from trainer.runtime import Dist, param_digest, resolve_precision, seed_all
@@ -188,20 +189,19 @@ def _loss(cfg: TrainConfig, net: torch.nn.Module, teacher: torch.nn.Module | Non
     with autocast(device, cfg.precision):
         logits = net(**inputs).logits
     a = cfg.kd_weight
-    with torch.set_grad_enabled(a < 1.0 and torch.is_grad_enabled()):
-        ce = ce_loss(logits, labels, chunk_size=cfg.loss_chunk)
-    kd = torch.full((), math.nan)
+    kw = dict(kind=cfg.kd_loss, temperature=cfg.temperature, chunk_size=cfg.loss_chunk)
     if a > 0.0 and teacher is not None:
         with torch.no_grad(), autocast(device, cfg.precision):
             t_logits = teacher(**inputs).logits
         mask = batch["kd_mask"] if "kd_mask" in batch else batch["attention_mask"]
-        kd = dense_kd_loss(logits, t_logits, mask.to(device), kind=cfg.kd_loss, temperature=cfg.temperature, chunk_size=cfg.loss_chunk)
+        ce, kd = ce_and_dense_kd_loss(logits, labels, t_logits, mask.to(device), **kw)
     elif a > 0.0:
-        kd = sparse_kd_loss(
-            logits, batch["kd_indices"].to(device), batch["kd_probs"].to(device), batch["kd_tail"].to(device),
-            batch["kd_mask"].to(device), kind=cfg.kd_loss, temperature=cfg.temperature,
-            tail_bucket=cfg.tail_bucket, chunk_size=cfg.loss_chunk,
+        ce, kd = ce_and_sparse_kd_loss(
+            logits, labels, batch["kd_indices"].to(device), batch["kd_probs"].to(device), batch["kd_tail"].to(device),
+            batch["kd_mask"].to(device), tail_bucket=cfg.tail_bucket, **kw,
         )
+    else:
+        ce, kd = ce_loss(logits, labels, chunk_size=cfg.loss_chunk), torch.full((), math.nan)
     return mix(ce, kd, a), ce.detach(), kd.detach(), float((labels != -100).sum())
 
 
