@@ -177,6 +177,9 @@ def run(argv: list[str] | None = None, save_main_session: bool = True, test_pipe
         build_pipeline(p, plan)
         result = p.run()
     result.wait_until_finish()
+    from pipelines.inference import close_progress_bars  # noqa: PLC0415
+
+    close_progress_bars()  # in-process runners: the bar's last line belongs here, not at exit
     state = str(result.state)
     if "DONE" not in state:
         raise RuntimeError(f"capture pipeline ended in state {state}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -61,6 +62,19 @@ def bucket_length(n: int, pad_multiple: int) -> int:
     return max(pad_multiple, -(-n // pad_multiple) * pad_multiple)
 
 
+# Progress bars of the runners loaded in this process. A runner lives in Beam's shared-object
+# cache past the end of the pipeline, so its bar would otherwise close (and print its last
+# line) only at interpreter exit; the capture closes them when the pipeline is done.
+_OPEN_BARS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def close_progress_bars() -> None:
+    """Close the progress bars of every teacher runner loaded in this process."""
+    for bar in list(_OPEN_BARS):
+        bar.close()
+    _OPEN_BARS.clear()
+
+
 class TeacherRunner:
     """A loaded teacher that turns token-id windows into sparse soft labels.
 
@@ -97,11 +111,8 @@ class TeacherRunner:
             self.pad_id = int(cfg.pad_token_id)
         self.tokens_done = 0
         self.seconds = 0.0
+        self._progress = progress
         self._bar = None
-        if progress:
-            from tqdm import tqdm  # noqa: PLC0415
-
-            self._bar = tqdm(desc="teacher tokens", unit="tok", unit_scale=True, mininterval=2.0, smoothing=0.1)
 
     # -- public ---------------------------------------------------------------------------
     def infer(self, ids: Sequence[np.ndarray], keys: Sequence[int]) -> list[Output]:
@@ -125,7 +136,12 @@ class TeacherRunner:
             n_tok = int(lengths.sum())
             self.tokens_done += n_tok
             self.seconds += time.perf_counter() - t0
-            if self._bar is not None:
+            if self._progress:
+                if self._bar is None or self._bar.disable:  # first call, or closed after a pipeline
+                    from tqdm import tqdm  # noqa: PLC0415
+
+                    self._bar = tqdm(desc="teacher tokens", unit="tok", unit_scale=True, mininterval=2.0, smoothing=0.1)
+                    _OPEN_BARS.add(self._bar)
                 self._bar.update(n_tok)
             return out  # type: ignore[return-value]
 
