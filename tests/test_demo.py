@@ -73,7 +73,7 @@ def test_sample_mode_fidelity_is_sampling_noise_that_shrinks_with_draws(demo_rep
         uri = str(tmp_path / f"s{draws}")
         _capture(dataclasses.replace(cfg, select="sample", samples=draws), teacher_dir, out / "corpus" / "train.txt", uri)
         fi = store_fidelity(kdstore.open(uri), teacher_dir, windows=8)
-        assert fi["kl_what"] == "KL(stored frequencies ‖ teacher)"
+        assert fi["kl_what"].startswith("KL(stored frequencies ‖ teacher")
         kls[draws] = fi["kl"]
     assert 0 < kls[256] < kls[4] < 10, kls
 

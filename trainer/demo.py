@@ -222,7 +222,9 @@ def store_fidelity(store, teacher_dir: Path, *, windows: int = 64) -> dict[str, 
                 n += 1
         if rows >= windows:
             break
-    what = "KL(stored frequencies ‖ teacher)" if sampled else "KL(teacher ‖ stored, kept+tail)"
+    # Sample mode: the KL is sampling noise (about H(teacher) - H(frequencies) for a flat
+    # teacher and few draws), not a storage error; the name says so in the report.
+    what = "KL(stored frequencies ‖ teacher; sampling noise)" if sampled else "KL(teacher ‖ stored, kept+tail)"
     return {"positions": n, "kept_mass": kept / max(1, n), "kl": kls / max(1, n), "kl_what": what,
             "top1_agreement": agree / max(1, n)}
 
@@ -255,6 +257,15 @@ def _plots(out: Path, runs: dict[str, dict[str, Any]], store_uri: str) -> None:
     stats_main([store_uri, "--plot", str(out / "store_stats.png")])
 
 
+def _selection_text(c: dict[str, Any]) -> str:
+    """The selection's own parameters (``c``: the report's config)."""
+    if c["select"] == "sample":
+        return f"{c['samples']} draws"
+    if c["select"] == "top_p":
+        return f"p={c['p']}, at most {c['max_k']}"
+    return f"k={c['k']}"
+
+
 def _markdown(r: dict[str, Any]) -> str:
     s, b = r["runs"]["student"], r["runs"]["baseline"]
     st, fi, te = r["store"], r["fidelity"], r["teacher"]
@@ -263,7 +274,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "## kd demo report",
         "",
         f"Store: {st['rows']} windows, {st['tokens']:,} tokens, select={c['select']} "
-        f"(k={c['k']}), {c['quant_bits']}-bit: **{st['bytes_per_token']:.1f} B/token**, "
+        f"({_selection_text(c)}), {c['quant_bits']}-bit: **{st['bytes_per_token']:.1f} B/token**, "
         f"{st['bytes_per_entry']:.2f} B/kept entry, {st['dead_letters']} dead letters.",
         f"Fidelity ({fi['positions']} positions): kept teacher mass {fi['kept_mass']:.4f}; "
         f"{fi['kl_what']} {fi['kl']:.2e} nats/position; top-1 agreement {fi['top1_agreement']:.4f}.",
