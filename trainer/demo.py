@@ -43,7 +43,7 @@ class DemoConfig:
     student: str = "student-tiny"
     steps: int = 300
     # The student's optimiser settings are the reference student recipe's (trainer.reference
-    # RECIPES["cpu-student"]): batch 16, lr 2e-3 with embeddings x30 (one-epoch regime).
+    # RECIPES["cpu-student"]): batch 16, lr 2e-3 with embeddings x30 (short-run regime).
     batch_size: int = 16
     lr: float = 2e-3
     lr_embed_mult: float = 30.0

@@ -61,8 +61,9 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # ~4.2M parameters, about two epochs (1200 x 16 x 128 tokens; 637 steps per epoch): ~7.5
     # minutes on 2 idle CPU cores. Measured: one epoch (600 steps) gave held-out perplexity
-    # 193.5 against the 1/4-size student's 215.0 (x1.11); two epochs widen the gap (the
-    # student saturates first), see docs/benchmarks.md ("kd demo from a cold cache").
+    # 193.5 against the 1/4-size student's 215.0 (x1.11); two epochs give 125.8 vs 162.6
+    # (x1.29): the larger model gains more from the second pass. docs/benchmarks.md, "kd demo
+    # from a cold cache", has the timing.
     "cpu": Recipe(name="teacher-small", model="teacher-small", max_steps=1200, warmup_steps=120),
     # The same recipe for the ~1/4-size student, for the teacher-vs-student check.
     "cpu-student": Recipe(name="student-tiny", model="student-tiny", max_steps=1200, warmup_steps=120),
