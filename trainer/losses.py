@@ -54,6 +54,13 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown KD loss kind {kind!r}; expected one of {KINDS}")
 
 
+def _compute_every_row(n: int, n_all: int) -> bool:
+    """With ``n`` of ``n_all`` positions valid: compute every row and mask the results (True)
+    or gather the valid rows first (False). When most rows are valid, the gather (a copy of
+    ``[n, V]``) and the scatter of its gradient cost more than the wasted rows."""
+    return 4 * n >= 3 * n_all
+
+
 def _reduce_positions(
     fn: Callable[..., torch.Tensor],
     logits: torch.Tensor,
@@ -84,9 +91,7 @@ def _reduce_positions(
         return fn(x_all.index_select(0, r), *(e.index_select(0, r) for e in ex)).sum()
 
     if chunk_size <= 0 or n <= chunk_size:
-        if 4 * n >= 3 * n_all:
-            # Mostly valid: compute every row and mask the result, which saves gathering the
-            # rows (a copy of [n, V]) and scattering their gradient back (two more passes).
+        if _compute_every_row(n, n_all):
             total = torch.where(flat_mask, fn(flat, *flat_extras), 0.0).sum()
         else:
             total = part(flat, rows, *flat_extras)
@@ -307,19 +312,18 @@ def ce_and_sparse_kd_loss(
     calls; at ``temperature=1`` without chunking both come from one fp32 log-softmax of
     ``logits [..., V]``, which saves the second pass over ``[N, V]`` forward and backward
     (the largest tensor of a small model's step)."""
-    _check_sparse_args(kind, logits, kd_indices)
-    if temperature != 1.0 or chunk_size > 0:
+    if temperature != 1.0 or chunk_size > 0:  # the separate losses (they check their arguments)
         ce = ce_loss(logits, labels, chunk_size=chunk_size)
         return ce, sparse_kd_loss(logits, kd_indices, kd_probs, kd_tail, kd_mask, kind=kind, temperature=temperature,
                                   tail_bucket=tail_bucket, chunk_size=chunk_size, eps=eps)
+    _check_sparse_args(kind, logits, kd_indices)
     K = kd_indices.shape[-1]
 
-    def kd_rows(lsm: torch.Tensor, lsm_kept: torch.Tensor, m: torch.Tensor, take: _Take) -> torch.Tensor:
+    def kd_rows(lsm: torch.Tensor, lsm_kept: torch.Tensor, kept: torch.Tensor, m: torch.Tensor, take: _Take) -> torch.Tensor:
         # Masked positions get an all-padding target (p = 0, tail = 0): finite, then dropped.
         p = torch.where(m[:, None], take(kd_probs.reshape(-1, K)).float(), 0.0)
         tail = torch.where(m, take(kd_tail.reshape(-1)).float(), 0.0)
-        return _sparse_terms(lsm, lsm_kept, take(kd_indices.reshape(-1, K)), p, tail, kind=kind, tail_bucket=tail_bucket,
-                             eps=eps)
+        return _sparse_terms(lsm, lsm_kept, kept, p, tail, kind=kind, tail_bucket=tail_bucket, eps=eps)
 
     return _ce_with_kd(logits, labels, kd_mask, kd_rows, kd_indices.reshape(-1, K))
 
@@ -337,13 +341,14 @@ def ce_and_dense_kd_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ce_loss(...), dense_kd_loss(...))`` from one log-softmax when ``temperature=1`` and
     unchunked (the online-teacher baseline gets the same saving as the cached path)."""
-    _check_dense_args(kind, logits, teacher_logits)
-    if temperature != 1.0 or chunk_size > 0:
+    if temperature != 1.0 or chunk_size > 0:  # the separate losses (they check their arguments)
         ce = ce_loss(logits, labels, chunk_size=chunk_size)
         return ce, dense_kd_loss(logits, teacher_logits, mask, kind=kind, temperature=temperature, chunk_size=chunk_size, eps=eps)
+    _check_dense_args(kind, logits, teacher_logits)
     t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
 
-    def kd_rows(lsm: torch.Tensor, lsm_kept: torch.Tensor, m: torch.Tensor, take: _Take) -> torch.Tensor:
+    def kd_rows(lsm: torch.Tensor, lsm_kept: torch.Tensor, kept: torch.Tensor | None, m: torch.Tensor,
+                take: _Take) -> torch.Tensor:
         return _dense_terms(lsm, take(t_flat), kind=kind, temperature=1.0, eps=eps)
 
     return _ce_with_kd(logits, labels, mask, kd_rows, None)
@@ -354,13 +359,15 @@ _Take = Callable[[torch.Tensor], torch.Tensor]
 
 def _ce_with_kd(
     logits: torch.Tensor, labels: torch.Tensor, kd_mask: torch.Tensor,
-    kd_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, _Take], torch.Tensor], kd_indices: torch.Tensor | None,
+    kd_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, _Take], torch.Tensor],
+    kd_indices: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CE over labelled positions and mean KD over ``kd_mask``, sharing one
     ``lsm = log_softmax(logits)`` over the positions either loss needs.
 
-    ``kd_rows(lsm [n, V], lsm at the kd_indices [n, K], kd mask [n], take) -> [n]`` gets the
-    computed rows only; ``take(t)`` selects those rows of a flattened ``[N, ...]`` tensor.
+    ``kd_rows(lsm [n, V], lsm at the kept indices [n, K], kept indices [n, K] or None,
+    kd mask [n], take) -> [n]`` gets the computed rows only; ``take(t)`` selects those rows
+    of a flattened ``[N, ...]`` tensor.
     """
     if kd_mask.shape != logits.shape[:-1] or labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} / mask {tuple(kd_mask.shape)} do not match logits {tuple(logits.shape)}")
@@ -368,9 +375,7 @@ def _ce_with_kd(
     y = labels.reshape(-1)
     ce_m, kd_m = y != IGNORE_INDEX, kd_mask.reshape(-1).bool()
     used = ce_m | kd_m
-    n_used = int(used.sum())
-    if 4 * n_used >= 3 * used.numel():
-        # Mostly valid: compute every row and mask the results (no gather/scatter of [N, V]).
+    if _compute_every_row(int(used.sum()), used.numel()):
         def take(t: torch.Tensor) -> torch.Tensor:
             return t
     else:
@@ -384,9 +389,10 @@ def _ce_with_kd(
     lsm = F.log_softmax(flat.float(), -1)
     # One gather for the label and the kept entries: its backward is one scatter into [n, V].
     yc = y.clamp_min(0)[:, None]
-    picked = torch.gather(lsm, 1, yc if kd_indices is None else torch.cat([yc, take(kd_indices)], 1))
+    kept = None if kd_indices is None else take(kd_indices)
+    picked = torch.gather(lsm, 1, yc if kept is None else torch.cat([yc, kept], 1))
     ce = torch.where(ce_m, -picked[:, 0], 0.0).sum() / ce_m.sum().clamp_min(1)
-    kd = torch.where(kd_m, kd_rows(lsm, picked[:, 1:], kd_m, take), 0.0).sum() / kd_m.sum().clamp_min(1)
+    kd = torch.where(kd_m, kd_rows(lsm, picked[:, 1:], kept, kd_m, take), 0.0).sum() / kd_m.sum().clamp_min(1)
     return ce, kd
 
 
