@@ -1,7 +1,7 @@
 """Vocabulary alignment (seed 001 "third vocabulary"): reader throughput with remapping on
 vs off, coverage per tokenizer pair and policy, and byte-offset sequence alignment.
 
-Tokenizers: byte-level BPE, WordPiece and Unigram from :mod:`kdstore.data.tokenizers`, trained
+Tokenizers: byte-level BPE, WordPiece and Unigram from :mod:`trainer.data.tokenizers`, trained
 on People's Daily (training split). Stores: synthetic-but-valid soft labels over each tokenizer's
 vocabulary for the validation + test texts (``kdstore.align._synth.synthetic_store``: the
 true next token plus ids drawn by corpus frequency, Dirichlet probabilities, tail kept) —
@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # test fixtures (synthetic stores)
 
 import numpy as np  # noqa: E402
 
 from bench._report import markdown_table, write_section  # noqa: E402
 from kdstore.align import POLICIES, SequenceAligner, VocabAlignment, coverage_report, scan_store  # noqa: E402
-from kdstore.align._synth import corpus_tokenizers, synthetic_store  # noqa: E402
-from kdstore.data.corpora import peoples_daily  # noqa: E402
+from align_synth import corpus_tokenizers, synthetic_store  # noqa: E402
+from trainer.data.corpora import peoples_daily  # noqa: E402
 
 KINDS = ("bpe", "wordpiece", "unigram")
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img" / "align_coverage.png"
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _plot(cov_rows, IMG)
     sizes = ", ".join(f"{k} {len(tk)}" for k, tk in toks.items())
-    body = f"""Tokenizers (`kdstore.data.tokenizers`) trained on {n_train} People's Daily training lines (vocabulary
+    body = f"""Tokenizers (`trainer.data.tokenizers`) trained on {n_train} People's Daily training lines (vocabulary
 sizes: {sizes}; Unigram keeps every corpus character plus 256 byte pieces, so its size is at least that). Stores: synthetic soft
 labels over each tokenizer's vocabulary for the {len(eval_texts)} validation + test texts (up to 256
 tokens per text; the true next token plus ids drawn by corpus frequency; padded teacher vocabulary).

@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # test fixtures (tiny models)
 # Both sides get the same OpenMP setting (the pipeline's local default sets it too; set here
 # before torch loads so the plain loop in this process has it as well).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -52,9 +53,9 @@ GROUPS = {
 
 
 def build_teacher(cache: Path, *, vocab: int, hidden: int, layers: int, steps: int) -> Path:
-    from kdstore.data.corpora import peoples_daily
-    from kdstore.data.tokenizers import prepare_tokenizer
-    from kdstore.testing import make_tiny_causal_lm
+    from trainer.data.corpora import peoples_daily
+    from trainer.data.tokenizers import prepare_tokenizer
+    from fixtures import make_tiny_causal_lm
 
     out = cache / f"teacher-v{vocab}-h{hidden}-l{layers}-s{steps}"
     if (out / "config.json").is_file():
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.lines, a.mode_lines, a.reps, a.train_steps = 200, 100, 1, 10
     import kdstore
-    from kdstore.data.corpora import peoples_daily
+    from trainer.data.corpora import peoples_daily
 
     cache = Path(a.cache)
     teacher = build_teacher(cache, vocab=8000, hidden=256, layers=4, steps=a.train_steps)

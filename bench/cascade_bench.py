@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench._report import markdown_table, write_section  # noqa: E402
-from trainer.cascade import CascadeConfig, CascadeData, _read_jsonl, apply_overrides, run_cascade  # noqa: E402
-from trainer.cascade_train import throughput  # noqa: E402
-from trainer.classifiers import TextClassifier  # noqa: E402
-from trainer.segment import Vocab  # noqa: E402
+from trainer.classify.cascade import CascadeConfig, CascadeData, _read_jsonl, apply_overrides, run_cascade  # noqa: E402
+from trainer.classify.cascade_train import throughput  # noqa: E402
+from trainer.classify.classifiers import TextClassifier  # noqa: E402
+from trainer.classify.segment import Vocab  # noqa: E402
 
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img" / "cascade_bench.png"
 ARMS = ("A", "B", "C cascade", "C gold", "C from A")

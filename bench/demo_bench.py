@@ -33,7 +33,7 @@ BUDGET_S, TEACHER_BUDGET_S = 15 * 60, 10 * 60
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", default="cpu", help="reference recipe (trainer.reference.RECIPES)")
+    ap.add_argument("--recipe", default="cpu", help="reference recipe (trainer.lm.reference.RECIPES)")
     ap.add_argument("--cache-dir", default=None, help="a new (empty) cache directory; default: a temporary one")
     ap.add_argument("--keep", action="store_true", help="keep the temporary cache and demo output")
     ap.add_argument("--no-progress", action="store_true")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainer.demo import DemoConfig, run_demo
-    from trainer.reference import RECIPES, reference_student_baseline
+    from trainer.lm.reference import RECIPES, reference_student_baseline
 
     tmp = Path(tempfile.mkdtemp(prefix="kd-demo-bench-"))
     cache = Path(args.cache_dir) if args.cache_dir else tmp / "cache"

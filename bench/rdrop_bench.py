@@ -35,10 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._report import markdown_table, write_section  # noqa: E402
-from trainer.classify_data import ClassificationData, sentiment_data, take  # noqa: E402
-from trainer.config import apply_overrides  # noqa: E402
-from trainer.rdrop import RDropConfig, train  # noqa: E402
-from trainer.segment import default_word_segmenter  # noqa: E402
+from trainer.classify.data import ClassificationData, sentiment_data, take  # noqa: E402
+from trainer.core.config import apply_overrides  # noqa: E402
+from trainer.classify.rdrop import RDropConfig, train  # noqa: E402
+from trainer.classify.segment import default_word_segmenter  # noqa: E402
 
 CONFIGS: dict[str, list[str]] = {
     "ce": ["passes=1", "w_kl=0", "train_segs=char", "eval_segs=char"],

@@ -137,7 +137,7 @@ def real_teacher(n: int, *, train: bool, model_dir: str | None = None, kmax: int
     None when neither exists."""
     if model_dir is None:
         try:
-            from trainer.reference import default_cache_dir, reference_teacher  # noqa: PLC0415
+            from trainer.lm.reference import default_cache_dir, reference_teacher  # noqa: PLC0415
         except ImportError:
             return None
         cached = sorted((default_cache_dir() / "reference").glob("teacher-small-*/reference.json"))
@@ -147,7 +147,7 @@ def real_teacher(n: int, *, train: bool, model_dir: str | None = None, kmax: int
     model_dir = Path(model_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    from kdstore.data.corpora import peoples_daily  # noqa: PLC0415
+    from trainer.data.corpora import peoples_daily  # noqa: PLC0415
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()

@@ -1,6 +1,6 @@
 """Student distillation: cached soft labels vs online KD vs CE only, in one run.
 
-Reference teacher (``trainer.reference``, cached) and real corpus (People's Daily): the
+Reference teacher (``trainer.lm.reference``, cached) and real corpus (People's Daily): the
 teacher's distributions over the first ``--docs`` train documents are captured once into
 five stores (top-k 8, top-k 32, sample with 32 and with 12 draws, top-p; one teacher pass
 feeds all selections), then the same student (``student-tiny``, same steps, batch, seed,
@@ -58,9 +58,9 @@ def capture(teacher_dir: Path, out: Path, *, docs: int, samples: int, samples_sm
     from transformers import AutoTokenizer
 
     import kdstore
-    from trainer.cache_local import cache_with_model, store_bytes_per_token
-    from trainer.models import load_causal_lm
-    from trainer.textdata import load_texts
+    from trainer.lm.cache_local import cache_with_model, store_bytes_per_token
+    from trainer.lm.models import load_causal_lm
+    from trainer.lm.textdata import load_texts
 
     sels = _selections(samples, samples_small, p, max_k)
     key = f"{teacher_dir.name}-d{docs}-s{samples}-{samples_small}-p{p}-m{max_k}-L{max_length}"
@@ -88,8 +88,8 @@ def capture(teacher_dir: Path, out: Path, *, docs: int, samples: int, samples_sm
 
 
 def run_arms(arms: list[str], stores: dict[str, dict], teacher_dir: Path, work: Path, args) -> dict[str, dict]:
-    from trainer.config import TrainConfig
-    from trainer.student import train
+    from trainer.core.config import TrainConfig
+    from trainer.lm.student import train
 
     common = dict(
         model=args.student, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_embed_mult=args.lr_embed_mult,
@@ -121,9 +121,9 @@ def run_arms(arms: list[str], stores: dict[str, dict], teacher_dir: Path, work: 
 def step_time_sweep(presets: list[str], store_uri: str, teacher_dir: Path, work: Path, args) -> list[dict]:
     """Median step time of online KD vs cached top-32 vs CE only, for teachers of several
     sizes (weights at random init: a step's cost does not depend on what the model knows)."""
-    from trainer.config import TrainConfig
-    from trainer.models import build_causal_lm, count_parameters, load_causal_lm, vocab_size_of
-    from trainer.student import train
+    from trainer.core.config import TrainConfig
+    from trainer.lm.models import build_causal_lm, count_parameters, load_causal_lm, vocab_size_of
+    from trainer.lm.student import train
 
     vocab = vocab_size_of(load_causal_lm(teacher_dir))
     rows = []
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=int, default=5000, help="People's Daily train documents captured (~1 epoch)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--lr-embed-mult", type=float, default=30.0, help="as the reference recipe (trainer.reference)")
+    ap.add_argument("--lr-embed-mult", type=float, default=30.0, help="as the reference recipe (trainer.lm.reference)")
     ap.add_argument("--kd-weight", type=float, default=0.5)
     ap.add_argument("--student", default="student-tiny")
     ap.add_argument("--precision", default="auto")
@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from trainer.models import load_causal_lm
-    from trainer.reference import default_cache_dir, reference_info, reference_teacher
+    from trainer.lm.models import load_causal_lm
+    from trainer.lm.reference import default_cache_dir, reference_info, reference_teacher
 
     t_all = time.perf_counter()
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
@@ -286,7 +286,7 @@ Teacher: `{teacher['recipe']['model']}` ({teacher['parameters']:,} parameters, h
 {teacher['parameters'] / student_params:.1f}x). Every arm: {args.steps} steps, batch {args.batch_size} rows, lr
 {args.lr} (embeddings x{args.lr_embed_mult:g}), seed 0, precision {args.precision}, kd_weight {args.kd_weight} (CE-only: 0), forward KL with tail
 bucket at T=1, torch threads {torch.get_num_threads()}. Data: the first {args.docs} People's Daily train documents
-(windows of up to {args.max_length} tokens), captured once with `trainer.cache_local.cache_with_model` (one
+(windows of up to {args.max_length} tokens), captured once with `trainer.lm.cache_local.cache_with_model` (one
 teacher pass feeding all five selections; `kd cache` runs one Beam job per selection). Held-out: the validation
 split ({results[arms[0]]['eval_tokens']:,} target tokens), CE against the true next token and full-vocabulary
 KL(teacher ‖ student). Step time: median wall time of a training step (data, forward, loss, backward, optimizer);

@@ -18,10 +18,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("store", "verify"): ("kdstore.tools", "verify_main", "check checksums, schema, counts and values; exit 1 on corruption"),
     ("store", "stats"): ("kdstore.tools", "stats_main", "histograms of kept mass, tail mass, entropy and k (PNG)"),
     ("store", "align-report"): ("kdstore.align.report", "main", "vocabulary coverage of a student tokenizer, per policy"),
-    ("train", "student"): ("trainer.student", "main", "distil a student from a store (or CE / online-teacher baselines)"),
-    ("train", "lm"): ("trainer.student", "lm_main", "train a causal LM on text with CE (reference teachers)"),
-    ("train", "rdrop"): ("trainer.rdrop", "main", "R-Drop fine-tuning across segmentation granularities"),
-    ("train", "cascade"): ("trainer.cascade", "main", "cascade distillation A -> B -> TextCNN student"),
+    ("train", "student"): ("trainer.lm.student", "main", "distil a student from a store (or CE / online-teacher baselines)"),
+    ("train", "lm"): ("trainer.lm.student", "lm_main", "train a causal LM on text with CE (reference teachers)"),
+    ("train", "rdrop"): ("trainer.classify.rdrop", "main", "R-Drop fine-tuning across segmentation granularities"),
+    ("train", "cascade"): ("trainer.classify.cascade", "main", "cascade distillation A -> B -> TextCNN student"),
     ("demo",): ("trainer.demo", "main", "the whole path on real data: teacher, capture, student, report"),
 }
 

@@ -30,7 +30,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
 
 from kdstore import format as F
-from kdstore.data.textio import CorpusError, expand_inputs
+from kdstore.textio import CorpusError, expand_inputs
 from kdstore.errors import StoreFormatError
 from kdstore.writer import new_manifest
 from pipelines import sinks

@@ -165,7 +165,7 @@ class TeacherRunner:
 
     def _forward_select(self, ids: list[np.ndarray], keys: list[int], padded: int) -> list[Output]:
         torch = self._torch
-        from kdstore.selection import sample_uniforms, select  # noqa: PLC0415
+        from pipelines.selection import sample_uniforms, select  # noqa: PLC0415
 
         n = len(ids)
         lens = [len(x) for x in ids]

@@ -10,7 +10,7 @@ import argparse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kdstore.data.textio import FORMATS, ReaderSpec
+from kdstore.textio import FORMATS, ReaderSpec
 from kdstore.format import Selection
 from pipelines.inference import BatchSpec
 from pipelines.teacher import TeacherSpec

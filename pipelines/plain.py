@@ -1,6 +1,6 @@
 """The same capture as a plain Python loop (no Beam): the benchmark's baseline.
 
-Reads with :mod:`kdstore.data.textio`, windows with :mod:`pipelines.windows`, runs the
+Reads with :mod:`kdstore.textio`, windows with :mod:`pipelines.windows`, runs the
 same :class:`~pipelines.inference.TeacherRunner` on batches of ``batch_tokens`` tokens in
 input order, and writes with :class:`kdstore.writer.StoreWriter`. Single process; torch
 uses all cores for the forward pass.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kdstore.data.textio import DeadLetter, Record, iter_records
+from kdstore.textio import DeadLetter, Record, iter_records
 from kdstore.errors import StoreFormatError
 from kdstore.writer import StoreWriter
 from pipelines.capture import plan_capture

@@ -171,8 +171,8 @@ def teacher_info(model_dir: Path, *, name_or_path: str, level: str, trust_remote
 # -- vocabulary --------------------------------------------------------------------------------
 def vocabulary(tok) -> pa.Table:
     """The store's vocabulary table for a tokenizer (id, token, bytes, hash, special),
-    from :func:`kdstore.data.tokenizers.vocab_table` (ids ``0 .. len(tokenizer) - 1``)."""
-    from kdstore.data.tokenizers import vocab_table as tokenizer_vocab  # noqa: PLC0415
+    from :func:`trainer.data.tokenizers.vocab_table` (ids ``0 .. len(tokenizer) - 1``)."""
+    from kdstore.tokenizer import vocab_table as tokenizer_vocab  # noqa: PLC0415
     from kdstore.writer import vocab_table  # noqa: PLC0415
 
     v = tokenizer_vocab(tok)

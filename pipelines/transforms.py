@@ -23,7 +23,7 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 
 from kdstore import format as F
-from kdstore.data.textio import DeadLetter, ReaderSpec, Record, iter_file
+from kdstore.textio import DeadLetter, ReaderSpec, Record, iter_file
 from kdstore.errors import StoreFormatError
 from kdstore.fs import resolve
 from pipelines import sinks

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kdstore.data.textio import DeadLetter, Record
+from kdstore.textio import DeadLetter, Record
 
 OVERFLOW = ("window", "truncate", "error")
 

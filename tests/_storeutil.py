@@ -14,7 +14,7 @@ import torch
 
 from kdstore import Selection, SoftLabelRow, StoreWriter, TeacherInfo, vocab_table
 from kdstore.hashing import file_checksum
-from kdstore.selection import select
+from pipelines.selection import select
 
 MODES = {
     "topk": dict(k=8),
@@ -41,7 +41,7 @@ class Exact:
 
 def make_rows(n_rows: int, v: int, mode: str, *, seed: int = 0, max_len: int = 12, scale: float = 3.0,
               text: bool = False, label: bool = False):
-    """Rows whose targets come from :func:`kdstore.selection.select` on random logits."""
+    """Rows whose targets come from :func:`pipelines.selection.select` on random logits."""
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     hashes = vocab(v).column("hash").to_numpy()

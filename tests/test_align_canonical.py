@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdstore.align._synth import corpus_tokenizers
+from align_synth import corpus_tokenizers
 from kdstore.align.canonical import Canonical, byte_decoder, canonicalize, infer_convention, special_role
 from kdstore.align.student import char_to_byte, load_student, refine_byte_offsets
 

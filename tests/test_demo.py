@@ -11,7 +11,7 @@ import pytest
 import kdstore
 from kdstore.tools import verify_store
 from trainer.demo import DemoConfig, main, run_demo
-from trainer.reference import Recipe
+from trainer.lm.reference import Recipe
 
 
 @pytest.fixture(scope="module")

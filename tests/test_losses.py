@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import ce_and_dense_kd_loss, ce_and_sparse_kd_loss, ce_loss, dense_kd_loss, mix, sparse_kd_loss
+from trainer.core.losses import ce_and_dense_kd_loss, ce_and_sparse_kd_loss, ce_loss, dense_kd_loss, mix, sparse_kd_loss
 
 # Student logits ln(1..4): softmax q = [0.1, 0.2, 0.3, 0.4].
 Q = [0.1, 0.2, 0.3, 0.4]

@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from trainer.classifiers import TextClassifier
-from trainer.classify_data import (
+from trainer.classify.classifiers import TextClassifier
+from trainer.classify.data import (
     DataError,
     TeacherProbs,
     load_classification_data,
@@ -18,8 +18,8 @@ from trainer.classify_data import (
     read_labeled_file,
     text_id,
 )
-from trainer.config import apply_overrides
-from trainer.rdrop import RDropConfig, main, rdrop_loss, train
+from trainer.core.config import apply_overrides
+from trainer.classify.rdrop import RDropConfig, main, rdrop_loss, train
 
 
 def kl(p: list[float], q: list[float]) -> float:
@@ -263,7 +263,7 @@ def test_short_run_on_sentiment_beats_chance(tmp_path):
         "max_len=64", "lr=3e-3", "warmup_steps=10", "eval_every=0", "log_every=20", "progress=false", "threads=1",
         "train_segs=word,mixed,char", f"out_dir={tmp_path}"])
     r = train(cfg)
-    from trainer.classify_data import sentiment_data, take
+    from trainer.classify.data import sentiment_data, take
 
     test = take(sentiment_data().test, 400)
     positive = sum(ex.label for ex in test) / len(test)

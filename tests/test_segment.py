@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.segment import (
+from trainer.classify.segment import (
     BPEDropoutSegmenter,
     SegmentationSampler,
     Vocab,
@@ -32,7 +32,7 @@ def sampler() -> SegmentationSampler:
 
 @pytest.fixture(scope="module")
 def bpe() -> BPEDropoutSegmenter:
-    from kdstore.data.corpora import sentiment
+    from trainer.data.corpora import sentiment
 
     texts = [r.text for r in sentiment("validation")[:1500]]
     return BPEDropoutSegmenter.train(texts, vocab_size=4000, dropout=0.3)

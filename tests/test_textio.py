@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdstore.data.corpora import peoples_daily, sentiment
-from kdstore.data.textio import (
+from trainer.data.corpora import peoples_daily, sentiment
+from kdstore.textio import (
     CorpusError, DeadLetter, ReaderSpec, Record, expand_inputs, iter_records, read_records,
 )
 from kdstore.hashing import sample_id

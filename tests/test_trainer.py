@@ -2,7 +2,7 @@
 
 A byte-level BPE tokenizer and a small Llama teacher are trained on People's Daily lines;
 their real distributions are captured into stores (top-k and sample mode) with
-:func:`trainer.cache_local.cache_with_model`, and the student loop runs on them.
+:func:`trainer.lm.cache_local.cache_with_model`, and the student loop runs on them.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdstore.data.corpora import peoples_daily
+from trainer.data.corpora import peoples_daily
 from kdstore.format import Selection
-from kdstore.testing import make_tiny_causal_lm, train_bpe_tokenizer
-from trainer.cache_local import cache_with_model
-from trainer.config import TrainConfig
-from trainer.student import lm_main, main, train
+from fixtures import make_tiny_causal_lm, train_bpe_tokenizer
+from trainer.lm.cache_local import cache_with_model
+from trainer.core.config import TrainConfig
+from trainer.lm.student import lm_main, main, train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,7 +188,7 @@ def test_ddp_two_cpu_processes_with_gloo(world, tmp_path):
 def test_reference_lm_is_trained_once_and_reused_by_key(world, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.reference import Recipe, reference_info, reference_lm
+    from trainer.lm.reference import Recipe, reference_info, reference_lm
 
     r = Recipe(name="ref-micro", model="micro", max_steps=4, batch_size=4, seq_len=32, warmup_steps=1, precision="fp32",
                train_text=world["train_text"], eval_text=world["val_text"])

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import checkpoint as ck
-from trainer.config import TrainConfig, apply_overrides, format_config, from_dict, to_dict
-from trainer.models import PRESETS, build_causal_lm, count_parameters, model_spec, padded_vocab, resize_vocab, vocab_size_of
-from trainer.student import _lr_lambda
-from trainer.textdata import TextBatches, collate_windows, document_windows, load_texts, packed_windows
+from trainer.core import checkpoint as ck
+from trainer.core.config import TrainConfig, apply_overrides, format_config, from_dict, to_dict
+from trainer.lm.models import PRESETS, build_causal_lm, count_parameters, model_spec, padded_vocab, resize_vocab, vocab_size_of
+from trainer.lm.student import _lr_lambda
+from trainer.lm.textdata import TextBatches, collate_windows, document_windows, load_texts, packed_windows
 
 
 # -- config ---------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_optimizer_groups_embedding_lr_and_no_decay_on_gains():
-    from trainer.student import _optimizer
+    from trainer.lm.student import _optimizer
 
     m = build_causal_lm("micro", vocab_size=64, seed=0)
     opt = _optimizer(TrainConfig(lr=1e-3, lr_embed_mult=10, weight_decay=0.1), m)
@@ -192,7 +192,7 @@ def test_optimizer_groups_embedding_lr_and_no_decay_on_gains():
 
 
 def test_recipe_overrides_apply_to_the_flat_config():
-    from trainer.reference import RECIPES, recipe_overrides
+    from trainer.lm.reference import RECIPES, recipe_overrides
 
     cfg = apply_overrides(TrainConfig(), recipe_overrides("cpu-student"))
     r = RECIPES["cpu-student"]

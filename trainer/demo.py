@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.reference import RECIPES, Recipe, default_cache_dir, reference_info, reference_teacher
+from trainer.lm.reference import RECIPES, Recipe, default_cache_dir, reference_info, reference_teacher
 
 
 @dataclass
 class DemoConfig:
     out_dir: str = "runs/demo"
     cache_dir: str = ""  # reference teacher/tokenizer cache ("" = $KDSTORE_CACHE or ~/.cache/kdstore)
-    recipe: str = "cpu"  # reference teacher recipe (trainer.reference.RECIPES)
+    recipe: str = "cpu"  # reference teacher recipe (trainer.lm.reference.RECIPES)
     capture_lines: int = 3000  # People's Daily training lines run through the teacher
     select: str = "topk"
     k: int = 32
@@ -42,7 +42,7 @@ class DemoConfig:
     max_length: int = 128  # capture window (tokens)
     student: str = "student-tiny"
     steps: int = 300
-    # The student's optimiser settings are the reference student recipe's (trainer.reference
+    # The student's optimiser settings are the reference student recipe's (trainer.lm.reference
     # RECIPES["cpu-student"]): batch 16, lr 2e-3 with embeddings x30 (short-run regime).
     batch_size: int = 16
     lr: float = 2e-3
@@ -64,7 +64,7 @@ def _section(title: str) -> float:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns (and writes) the report dict."""
-    from kdstore.data.corpora import peoples_daily  # noqa: PLC0415
+    from trainer.data.corpora import peoples_daily  # noqa: PLC0415
 
     t_start = time.perf_counter()
     out = Path(cfg.out_dir)
@@ -167,8 +167,8 @@ def _capture(cfg: DemoConfig, teacher_dir: Path, corpus: Path, store_uri: str) -
 
 
 def _train_student(cfg: DemoConfig, store_uri: str, teacher_dir: Path, out: Path, *, kd_weight: float) -> dict[str, Any]:
-    from trainer.config import TrainConfig  # noqa: PLC0415
-    from trainer.student import train  # noqa: PLC0415
+    from trainer.core.config import TrainConfig  # noqa: PLC0415
+    from trainer.lm.student import train  # noqa: PLC0415
 
     tc = TrainConfig(
         store=store_uri, model=cfg.student, kd_weight=kd_weight, temperature=cfg.temperature, max_steps=cfg.steps,
@@ -190,7 +190,7 @@ def store_fidelity(store, teacher_dir: Path, *, windows: int = 64) -> dict[str, 
     frequencies are draws with no tail, so the KL is from them to the teacher's full
     distribution (sampling noise: it shrinks as the number of draws grows).
     """
-    from trainer.models import load_causal_lm  # noqa: PLC0415
+    from trainer.lm.models import load_causal_lm  # noqa: PLC0415
 
     model = load_causal_lm(teacher_dir).eval()
     temperature = store.manifest.selection.temperature

@@ -39,11 +39,11 @@ import torch.nn.functional as F
 import xxhash
 
 from kdstore.hashing import sample_id as content_id
-from trainer import cascade_targets as T
-from trainer.cascade_config import CascadeConfig, apply_overrides
-from trainer.cascade_train import Encoded, encode_texts, evaluate, fit, plot_curves, plot_scores, throughput
-from trainer.classifiers import TextClassifier, build_classifier, count_parameters
-from trainer.segment import SegmentationSampler, Vocab
+from trainer.classify import cascade_targets as T
+from trainer.classify.cascade_config import CascadeConfig, apply_overrides
+from trainer.classify.cascade_train import Encoded, encode_texts, evaluate, fit, plot_curves, plot_scores, throughput
+from trainer.classify.classifiers import TextClassifier, build_classifier, count_parameters
+from trainer.classify.segment import SegmentationSampler, Vocab
 
 STAGES = ("a", "b", "c", "all")
 __all__ = ["CascadeConfig", "apply_overrides", "run_cascade", "summarize", "format_summary", "teacher_table", "main",
@@ -171,7 +171,7 @@ _DATA_KEYS = ("data", "eval_data", "test_data", "text_field", "label_field", "tr
 
 
 def _data_step(run: _Run) -> tuple[CascadeData, dict]:
-    from trainer.classify_data import load_classification_data  # noqa: PLC0415
+    from trainer.classify.data import load_classification_data  # noqa: PLC0415
 
     cfg = run.cfg
     src = load_classification_data(cfg.data, eval_source=cfg.eval_data, test_source=cfg.test_data,
@@ -266,7 +266,7 @@ def _ce_loss(train: Encoded) -> Callable:
 
 
 def _capture_step(run: _Run, step: str, model_step: str, inputs: Path) -> dict:
-    from trainer.cascade_capture import capture_classifier  # noqa: PLC0415
+    from trainer.classify.cascade_capture import capture_classifier  # noqa: PLC0415
 
     cfg = run.cfg
     out = run.reset(step)

@@ -30,7 +30,7 @@ def load_texts(source: str) -> list[str]:
     ``.jsonl`` file (a ``text`` field per line)."""
     name, sep, split = source.partition(":")
     if sep and name in ("peoples_daily", "sentiment"):
-        from kdstore.data import corpora  # noqa: PLC0415
+        from trainer.data import corpora  # noqa: PLC0415
 
         return [r.text for r in getattr(corpora, name)(split or "train")]
     path = Path(source)

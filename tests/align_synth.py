@@ -19,8 +19,8 @@ from kdstore.align.student import char_to_byte, load_student, refine_byte_offset
 
 def teacher_vocab_table(tokenizer: Any):
     """The store vocabulary table of a tokenizer (strings, the bytes each stands for in
-    text, special flags), from :func:`kdstore.data.tokenizers.vocab_table`."""
-    from kdstore.data.tokenizers import vocab_table as _table  # noqa: PLC0415
+    text, special flags), from :func:`trainer.data.tokenizers.vocab_table`."""
+    from kdstore.tokenizer import vocab_table as _table  # noqa: PLC0415
     from kdstore.writer import vocab_table  # noqa: PLC0415
 
     t = _table(load_student(tokenizer).tokenizer)
@@ -98,7 +98,7 @@ def synthetic_store(
 
 @lru_cache(maxsize=2)
 def corpus_tokenizers(n_lines: int = 1000, vocab_size: int = 2000) -> dict[str, Any]:
-    """The three tokenizer kinds of :mod:`kdstore.data.tokenizers` (byte-level BPE,
+    """The three tokenizer kinds of :mod:`trainer.data.tokenizers` (byte-level BPE,
     WordPiece, Unigram) trained on the first ``n_lines`` People's Daily training lines, as
     ``transformers`` fast tokenizers (``name_or_path`` is the saved directory). Cached per
     process so test modules share them; the directory lives as long as the process. Unigram
@@ -109,8 +109,8 @@ def corpus_tokenizers(n_lines: int = 1000, vocab_size: int = 2000) -> dict[str, 
 
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    from kdstore.data.corpora import peoples_daily  # noqa: PLC0415
-    from kdstore.data.tokenizers import train_tokenizer  # noqa: PLC0415
+    from trainer.data.corpora import peoples_daily  # noqa: PLC0415
+    from trainer.data.tokenizers import train_tokenizer  # noqa: PLC0415
 
     texts = [s.text for s in peoples_daily("train")[:n_lines]]
     n_chars = len(set("".join(texts)))

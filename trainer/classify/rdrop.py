@@ -1,7 +1,7 @@
 """``kd train rdrop``: R-Drop fine-tuning across segmentation granularities (seed 000).
 
 Each training sample is cut into two different token sequences (word / mixed / char, ...; see
-:mod:`trainer.segment`) and each sequence goes through the same classifier in training mode, so
+:mod:`trainer.classify.segment`) and each sequence goes through the same classifier in training mode, so
 every forward pass draws its own dropout mask: two sub-models of one network. The loss is::
 
     w_ce * 0.5 * (CE(p1, y) + CE(p2, y))
@@ -10,13 +10,13 @@ every forward pass draws its own dropout mask: two sub-models of one network. Th
 
 With ``passes=1`` (and ``w_kl=0``) the same loop is the plain cross-entropy baseline; with one
 deterministic granularity (``train_segs=char``) it is the original R-Drop (Liang et al. 2021),
-where only the dropout masks differ. The loss is :func:`trainer.losses.rdrop_loss`.
+where only the dropout masks differ. The loss is :func:`trainer.core.losses.rdrop_loss`.
 
 ``kd train rdrop [key=value ...] [--teacher-probs FILE] [--resume RUN_DIR]``; ``--print-config``
 lists the keys. Outputs in ``out_dir`` (as ``kd train student``): ``config.json``,
 ``metrics.jsonl`` (one JSON object per event), ``checkpoints/ckpt-<step>.pt`` (model, optimizer,
 scheduler, RNG states and config; ``torch.load(weights_only=True)``), ``model/`` (a
-:class:`~trainer.classifiers.TextClassifier` directory), ``result.json`` and ``curves.png``.
+:class:`~trainer.classify.classifiers.TextClassifier` directory), ``result.json`` and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer import checkpoint as ckpt_io
-from trainer.classifiers import (
+from trainer.core import checkpoint as ckpt_io
+from trainer.classify.classifiers import (
     ClassifierConfig,
     TextClassifier,
     build_classifier,
@@ -45,10 +45,10 @@ from trainer.classifiers import (
     pad_batch,
     predict_proba_ids,
 )
-from trainer.classify_data import ClassificationData, Example, load_classification_data, load_teacher_probs_jsonl, take
-from trainer.config import apply_overrides, format_config, from_dict, to_dict
-from trainer.losses import RDropLoss, rdrop_loss  # noqa: F401  (RDropLoss: part of this module's API)
-from trainer.segment import STOCHASTIC, BPEDropoutSegmenter, SegmentationSampler, Vocab
+from trainer.classify.data import ClassificationData, Example, load_classification_data, load_teacher_probs_jsonl, take
+from trainer.core.config import apply_overrides, format_config, from_dict, to_dict
+from trainer.core.losses import RDropLoss, rdrop_loss  # noqa: F401  (RDropLoss: part of this module's API)
+from trainer.classify.segment import STOCHASTIC, BPEDropoutSegmenter, SegmentationSampler, Vocab
 
 
 @dataclass
@@ -75,7 +75,7 @@ class RDropConfig:
     min_word_freq: int = 2  # multi-character tokens seen this often get their own id
     max_vocab: int = 60000
     max_len: int = 128  # tokens per view after back-off (also the transformer's positions)
-    # -- model (trainer.classifiers.ClassifierConfig) --------------------------------------
+    # -- model (trainer.classify.classifiers.ClassifierConfig) --------------------------------------
     arch: str = "transformer"  # transformer | bilstm | textcnn
     d_model: int = 128
     n_layers: int = 2

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from kdstore.format import Selection, TeacherInfo
 from kdstore.hashing import sample_id as content_id
-from kdstore.selection import sample_uniforms, select
+from pipelines.selection import sample_uniforms, select
 from kdstore.writer import SoftLabelRow, StoreWriter
 
 
@@ -100,7 +100,7 @@ def cache_with_model(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     writers = {
         uri: StoreWriter(uri, teacher=info, selection=sel, bits=bits, overwrite=overwrite, shard_bytes=shard_bytes,
-                         pipeline={"tool": "trainer.cache_local", "max_length": max_length})
+                         pipeline={"tool": "trainer.lm.cache_local", "max_length": max_length})
         for uri, sel in stores.items()
     }
     times = {uri: 0.0 for uri in stores}

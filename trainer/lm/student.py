@@ -11,10 +11,10 @@ Loss (per micro-batch, fp32, averaged over valid positions)::
 
     loss = (1 - kd_weight) * CE(labels) + kd_weight * KD
 
-where KD is the sparse KL to the store's targets (:func:`trainer.losses.sparse_kd_loss`)
+where KD is the sparse KL to the store's targets (:func:`trainer.core.losses.sparse_kd_loss`)
 or, with ``online_teacher=DIR``, the full-vocabulary KL to a teacher run on every batch
-(:func:`trainer.losses.dense_kd_loss`); ``kd_weight=0`` is the CE-only baseline. CE and KD
-share one log-softmax (:func:`trainer.losses.ce_and_sparse_kd_loss`, ``ce_and_dense_kd_loss``).
+(:func:`trainer.core.losses.dense_kd_loss`); ``kd_weight=0`` is the CE-only baseline. CE and KD
+share one log-softmax (:func:`trainer.core.losses.ce_and_sparse_kd_loss`, ``ce_and_dense_kd_loss``).
 
 Data parallel: run under ``torchrun --nproc_per_node N -m kdstore.cli train student ...``;
 each rank reads its own shard of the store (or of the text windows), gradients are
@@ -39,14 +39,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from trainer import checkpoint as ckpt_io
-from trainer.config import TrainConfig, apply_overrides, format_config, from_dict, to_dict
-from trainer.evaluate import autocast, evaluate, model_inputs
-from trainer.losses import ce_and_dense_kd_loss, ce_and_sparse_kd_loss, ce_loss, mix
-from trainer.models import PRESETS, count_parameters, vocab_size_of
-from trainer.runlog import RunLog, json_safe, mean, median
-from trainer.runtime import Dist, param_digest, resolve_precision, seed_all
-from trainer.sources import TrainData, build_student, eval_source, load_teacher
+from trainer.core import checkpoint as ckpt_io
+from trainer.core.config import TrainConfig, apply_overrides, format_config, from_dict, to_dict
+from trainer.lm.evaluate import autocast, evaluate, model_inputs
+from trainer.core.losses import ce_and_dense_kd_loss, ce_and_sparse_kd_loss, ce_loss, mix
+from trainer.lm.models import PRESETS, count_parameters, vocab_size_of
+from trainer.core.runlog import RunLog, json_safe, mean, median
+from trainer.core.runtime import Dist, param_digest, resolve_precision, seed_all
+from trainer.lm.sources import TrainData, build_student, eval_source, load_teacher
 
 
 # =========================================================================================

@@ -1,8 +1,8 @@
 """The reference teacher: a small causal LM trained on People's Daily, cached by content.
 
 ``reference_teacher(cache_dir=...)`` returns a standard Hugging Face model directory
-(weights, config, tokenizer) of a :mod:`trainer.models` preset trained with the project's
-own loop (:func:`trainer.student.train`, CE only) on the People's Daily train split. The
+(weights, config, tokenizer) of a :mod:`trainer.lm.models` preset trained with the project's
+own loop (:func:`trainer.lm.student.train`, CE only) on the People's Daily train split. The
 directory is keyed by everything that determines it (recipe, model spec, tokenizer
 identity, training-text hash, a recipe version), so later runs reuse it and any change
 trains a new one. ``reference_student_baseline`` trains a model of about 1/4 the
@@ -76,7 +76,7 @@ RECIPES: dict[str, Recipe] = {
 
 
 def recipe_overrides(recipe: str | Recipe = "cpu-student") -> list[str]:
-    """``key=value`` overrides that give a :class:`~trainer.config.TrainConfig` the optimiser
+    """``key=value`` overrides that give a :class:`~trainer.core.config.TrainConfig` the optimiser
     settings of a recipe (e.g. to train a demo student the way the reference student was)."""
     r = _recipe(recipe)
     keys = ("batch_size", "lr", "lr_embed_mult", "warmup_steps", "min_lr_ratio", "weight_decay", "precision", "device", "seed")
@@ -90,7 +90,7 @@ def default_cache_dir() -> Path:
 
 def reference_tokenizer(*, cache_dir: str | Path, vocab_size: int = TOKENIZER_VOCAB) -> Path:
     """The byte-level BPE tokenizer of People's Daily train (cached by the tokenizer module)."""
-    from kdstore.data.tokenizers import prepare_tokenizer  # noqa: PLC0415
+    from trainer.data.tokenizers import prepare_tokenizer  # noqa: PLC0415
 
     return prepare_tokenizer(kind="bpe", vocab_size=vocab_size, cache_dir=Path(cache_dir) / "tokenizers")
 
@@ -105,9 +105,9 @@ def _recipe(recipe: str | Recipe) -> Recipe:
 
 def cache_key(recipe: Recipe, *, tokenizer_dir: Path) -> str:
     """Hex xxh3-64 of the recipe, model spec, tokenizer identity and training-text hash."""
-    from kdstore.data.tokenizers import tokenizer_hash  # noqa: PLC0415
-    from trainer.models import spec_dict  # noqa: PLC0415
-    from trainer.textdata import load_texts, texts_hash  # noqa: PLC0415
+    from trainer.data.tokenizers import tokenizer_hash  # noqa: PLC0415
+    from trainer.lm.models import spec_dict  # noqa: PLC0415
+    from trainer.lm.textdata import load_texts, texts_hash  # noqa: PLC0415
 
     payload = {
         "recipe": dataclasses.asdict(recipe), "precision": _precision(recipe), "model": spec_dict(recipe.model), "version": RECIPE_VERSION,
@@ -125,8 +125,8 @@ def reference_lm(*, cache_dir: str | Path, recipe: str | Recipe, force: bool = F
     It is built under a temporary name and renamed into place when complete.
     ``tokenizer_dir`` replaces the reference BPE tokenizer (tests, other corpora).
     """
-    from trainer.config import TrainConfig  # noqa: PLC0415
-    from trainer.student import train  # noqa: PLC0415
+    from trainer.core.config import TrainConfig  # noqa: PLC0415
+    from trainer.lm.student import train  # noqa: PLC0415
 
     r = _recipe(recipe)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else reference_tokenizer(cache_dir=cache_dir, vocab_size=r.tokenizer_vocab)
@@ -178,7 +178,7 @@ def _precision(recipe: Recipe) -> str:
         return recipe.precision
     import torch  # noqa: PLC0415
 
-    from trainer.student import resolve_precision  # noqa: PLC0415
+    from trainer.lm.student import resolve_precision  # noqa: PLC0415
 
     if recipe.device.startswith("cuda") and not torch.cuda.is_available():
         return "unavailable"  # training fails later with torch's message about the device

@@ -1,5 +1,5 @@
 """Deterministic WordPiece training for text without spaces (Chinese), used by
-:func:`kdstore.data.tokenizers.train_tokenizer`.
+:func:`trainer.data.tokenizers.train_tokenizer`.
 
 Why not ``WordPieceTrainer``: it gives the ``##x`` tokens ids in hash-map order, and those
 ids break merge ties, so two runs on the same text learn different vocabularies

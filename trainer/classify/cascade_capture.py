@@ -1,7 +1,7 @@
 """Beam capture of a cascade classifier's predictions into a sequence-level soft-label store.
 
 The ``kd cache`` pipeline reads Hugging Face model directories; the cascade's models are our
-own classifier bundles (:class:`trainer.classifiers.TextClassifier`: ``model.pt`` +
+own classifier bundles (:class:`trainer.classify.classifiers.TextClassifier`: ``model.pt`` +
 ``classifier.json`` + ``vocab.json``) with their own segmentation and vocabulary. This module
 wraps such a bundle as a Beam ``ModelHandler`` and writes the store with the store's own
 writer pieces (:class:`kdstore.writer.RowEncoder`, :class:`~kdstore.writer.ShardWriter`,
@@ -137,9 +137,9 @@ class ClassifierModelHandler(ModelHandler[dict, dict, Any]):
     """``RunInference`` handler for a classifier bundle: ``{"sample_id", "text", "label"}`` ->
     the same dict plus ``indices [K]`` int64 class ids, ``probs [K]`` float32, ``tail`` float.
 
-    Loads :class:`trainer.classifiers.TextClassifier` (weights, vocabulary, segmentation) in
+    Loads :class:`trainer.classify.classifiers.TextClassifier` (weights, vocabulary, segmentation) in
     ``load_model``; inference is length-sorted micro-batches under ``torch.inference_mode``,
-    softmax at ``selection.temperature`` and top-k selection with :func:`kdstore.selection.select`.
+    softmax at ``selection.temperature`` and top-k selection with :func:`pipelines.selection.select`.
     """
 
     def __init__(self, *, model_dir: str, selection: F.Selection, batch_size: int = 256, micro_batch: int = 64,
@@ -152,7 +152,7 @@ class ClassifierModelHandler(ModelHandler[dict, dict, Any]):
         self._device = device
 
     def load_model(self):
-        from trainer.classifiers import TextClassifier  # noqa: PLC0415
+        from trainer.classify.classifiers import TextClassifier  # noqa: PLC0415
 
         clf = TextClassifier.load(self._model_dir)
         clf.model.to(self._device).eval()
@@ -161,7 +161,7 @@ class ClassifierModelHandler(ModelHandler[dict, dict, Any]):
     def run_inference(self, batch: Sequence[dict], model, inference_args: Optional[dict[str, Any]] = None) -> Iterable[dict]:
         import torch  # noqa: PLC0415
 
-        from kdstore.selection import select  # noqa: PLC0415
+        from pipelines.selection import select  # noqa: PLC0415
 
         sel = self._selection
         order = sorted(range(len(batch)), key=lambda i: len(batch[i]["text"]))
@@ -299,7 +299,7 @@ def _prepare(model_dir: str, output: str, *, k: int, bits: int, temperature: flo
     loc.makedirs()
     manifest = new_manifest(
         teacher=teacher, selection=sel, bits=bits, level="sequence", columns={"label": True},
-        pipeline={"tool": "trainer.cascade_capture", "label_names": extra.get("label_names"),
+        pipeline={"tool": "trainer.classify.cascade_capture", "label_names": extra.get("label_names"),
                   "segmentation": extra.get("segmentation"), "max_len": extra.get("max_len"), **pipeline_opts},
     )
     names = extra.get("label_names") or [str(i) for i in range(n_cls)]
@@ -354,8 +354,8 @@ def capture_classifier(
 
 
 def run(argv: list[str] | None = None, save_main_session: bool = True, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
-    """Command-line entry: ``python -m trainer.cascade_capture --model-dir D --inputs F --output S [beam options]``."""
-    ap = argparse.ArgumentParser(prog="python -m trainer.cascade_capture", description=__doc__.split("\n\n")[0])
+    """Command-line entry: ``python -m trainer.classify.cascade_capture --model-dir D --inputs F --output S [beam options]``."""
+    ap = argparse.ArgumentParser(prog="python -m trainer.classify.cascade_capture", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", required=True, help="classifier bundle (TextClassifier.save directory)")
     ap.add_argument("--inputs", required=True, help="JSON lines with text, label (and optional sample_id)")
     ap.add_argument("--output", required=True, help="store directory")

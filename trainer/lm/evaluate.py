@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import torch
 
-from trainer.losses import IGNORE_INDEX, ce_loss, dense_kd_loss, sparse_kd_loss
+from trainer.core.losses import IGNORE_INDEX, ce_loss, dense_kd_loss, sparse_kd_loss
 
 
 def autocast(device: torch.device, precision: str):

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig
-from trainer.runtime import Dist
+from trainer.core.config import TrainConfig
+from trainer.core.runtime import Dist
 
 
 def json_safe(x: Any) -> Any:

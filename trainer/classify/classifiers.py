@@ -235,7 +235,7 @@ class TextClassifier:
 
     def __init__(self, *, model: nn.Module, config: ClassifierConfig, vocab, segmentation: str, max_len: int,
                  label_names: tuple[str, ...]) -> None:
-        from trainer.segment import SegmentationSampler  # noqa: PLC0415
+        from trainer.classify.segment import SegmentationSampler  # noqa: PLC0415
 
         if segmentation not in {"char", "word", "jieba"}:
             raise ValueError(f"inference segmentation must be deterministic (char/word/jieba), got {segmentation!r}")
@@ -249,7 +249,7 @@ class TextClassifier:
 
     @classmethod
     def load(cls, directory: str | Path) -> "TextClassifier":
-        from trainer.segment import Vocab  # noqa: PLC0415
+        from trainer.classify.segment import Vocab  # noqa: PLC0415
 
         model, config, extra = load_classifier(directory)
         return cls(

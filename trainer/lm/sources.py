@@ -1,7 +1,7 @@
 """Where a run's batches, student and teachers come from.
 
 :class:`TrainData` wraps the training batches (a store through :class:`kdstore.StoreLoader`,
-or packed text windows through :class:`trainer.textdata.TextBatches`) as an endless,
+or packed text windows through :class:`trainer.lm.textdata.TextBatches`) as an endless,
 resumable stream; :func:`build_student` builds the student for the data's (aligned)
 vocabulary; :func:`eval_source` opens the held-out set (a store or text).
 """
@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from trainer.config import TrainConfig
-from trainer.models import build_causal_lm, load_causal_lm, padded_vocab, resize_vocab, vocab_size_of
-from trainer.runtime import Dist
+from trainer.core.config import TrainConfig
+from trainer.lm.models import build_causal_lm, load_causal_lm, padded_vocab, resize_vocab, vocab_size_of
+from trainer.core.runtime import Dist
 
 
 class TrainData:
@@ -46,7 +46,7 @@ class TrainData:
             mode = sel.mode + (f" k={sel.k}" if sel.mode == "topk" else f" p={sel.p}" if sel.mode == "top_p" else f" n={sel.samples}")
             info = f"store {cfg.store} ({store.num_rows} rows, {mode}" + (f", aligned vocab {vocab}" if remap is not None else "") + ")"
             return cls(loader=loader, kind="store", vocab_size=vocab, tokenizer=tok, remap=remap, store=store, info=info)
-        from trainer.textdata import TextBatches, encode_texts, load_texts, packed_windows  # noqa: PLC0415
+        from trainer.lm.textdata import TextBatches, encode_texts, load_texts, packed_windows  # noqa: PLC0415
 
         if not cfg.tokenizer:
             raise ValueError("text training needs tokenizer=DIR (a Hugging Face tokenizer directory)")
@@ -149,7 +149,7 @@ def eval_source(cfg: TrainConfig, data: TrainData, dist: Dist) -> Any:
 
         return SoftLabelDataset(cfg.eval_data, batch_size=cfg.eval_batch_size, shuffle=False, rank=dist.rank,
                                 world_size=dist.world_size, remap=data.remap)
-    from trainer.textdata import TextBatches, document_windows, encode_texts, load_texts  # noqa: PLC0415
+    from trainer.lm.textdata import TextBatches, document_windows, encode_texts, load_texts  # noqa: PLC0415
 
     if data.tokenizer is None:
         raise ValueError(f"eval_data={cfg.eval_data!r} is text: pass tokenizer=DIR (the student's tokenizer)")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.config import TrainConfig
+from trainer.core.config import TrainConfig
 
 
 def resolve_precision(device: torch.device) -> str:
