@@ -1,0 +1,230 @@
+"""Stores inside Hugging Face ``Trainer``: the sample_id join (kdstore.collate) and the loss glue (trainer.hf).
+
+A tiny Llama teacher (BPE tokenizer trained on People's Daily) is captured into a top-k store
+with windows of 24 tokens; the "user's dataset" is tokenized independently, the way a
+Trainer user would, and joined to the store by ``(sample_id, window)``. Reference targets
+are read straight from ``Store.iter_decoded`` (not through the collator), so the tests also
+check that the join picks the right rows and positions.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import kdstore
+from fixtures import make_tiny_causal_lm, train_bpe_tokenizer
+from kdstore.collate import StoreCollator, store_collator
+from kdstore.format import Selection
+from kdstore.hashing import sample_id
+from trainer.core.losses import ce_loss, mix, sparse_jsd_loss, sparse_kd_loss
+from trainer.data.corpora import peoples_daily
+from trainer.lm.cache_local import cache_with_model
+
+WINDOW = 24
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("hf")
+    texts = [s.text for s in peoples_daily("train")[:60]]
+    tok_dir = train_bpe_tokenizer(texts, d / "tok", vocab_size=300)
+    teacher = make_tiny_causal_lm(d / "teacher", tokenizer_dir=tok_dir, hidden=32, layers=1, heads=2, seed=1)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    store = str(d / "store")
+    cache_with_model(AutoModelForCausalLM.from_pretrained(str(teacher)), tok, texts, {store: Selection(mode="topk", k=6)},
+                     max_length=WINDOW, name_or_path=str(teacher), shard_bytes=4096)
+    # The user's dataset, built without kdstore's capture code: tokenize, cut into windows.
+    rows = []
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        for w, s in enumerate(range(0, len(ids), WINDOW)):
+            rows.append({"sample_id": sample_id(text), "window": w, "input_ids": ids[s : s + WINDOW], "text": text})
+    return {"dir": d, "tok": tok, "teacher": teacher, "store": store, "rows": rows}
+
+
+def _reference_targets(store_uri: str):
+    """{(sample_id, window): (indices [P, K], probs [P, K], tail [P], context_len)} from the store itself."""
+    out = {}
+    st = kdstore.open(store_uri)
+    for d in st.iter_decoded():
+        for r in range(d.num_rows):
+            a, b = d.positions[r], d.positions[r + 1]
+            e0, e1 = d.entry_offsets[a], d.entry_offsets[b]
+            k = int(d.counts[a])
+            out[(d.sample_id[r], int(d.window[r]))] = (d.indices[e0:e1].reshape(-1, k), d.probs[e0:e1].reshape(-1, k),
+                                                        d.tail[a:b], int(d.context_len[r]))
+    return out
+
+
+def _check_batch_against_store(batch, ref, padding_side="right"):
+    B, L = batch["input_ids"].shape
+    for r, sid in enumerate(batch["sample_id"]):
+        n = int(batch["attention_mask"][r].sum())
+        idx, p, tail, _ = ref[(sid, int(batch["_window"][r]))]
+        assert n == len(tail)
+        sl = slice(0, n) if padding_side == "right" else slice(L - n, L)
+        np.testing.assert_array_equal(batch["kd_indices"][r, sl].numpy(), idx)
+        np.testing.assert_array_equal(batch["kd_probs"][r, sl].numpy(), p)
+        np.testing.assert_array_equal(batch["kd_tail"][r, sl].numpy(), tail)
+        assert batch["kd_mask"][r, sl].all() and int(batch["kd_mask"][r].sum()) == n
+        assert (batch["kd_probs"][r].sum(-1) > 0).sum() == n  # nothing outside the example's positions
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_join_survives_user_shuffling_and_filtering(world, padding_side):
+    import datasets
+
+    ref = _reference_targets(world["store"])
+    ds = datasets.Dataset.from_list(world["rows"])
+    ds = ds.shuffle(seed=3).filter(lambda ex: len(ex["text"]) % 3 != 0)  # what users do to their data
+    assert 0 < len(ds) < len(world["rows"])
+    coll = store_collator(world["store"], world["tok"], padding_side=padding_side)
+    assert len(coll) == len(ref)
+    feats = [{k: ex[k] for k in ("sample_id", "window", "input_ids")} for ex in ds]
+    for s in range(0, len(feats), 7):
+        chunk = feats[s : s + 7]
+        batch = coll(chunk)
+        batch["_window"] = [f["window"] for f in chunk]
+        assert batch["sample_id"] == [f["sample_id"] for f in chunk]
+        _check_batch_against_store(batch, ref, padding_side)
+        # Labels: the user's ids, -100 in padding (HF convention, unshifted).
+        assert ((batch["labels"] == -100) == (batch["attention_mask"] == 0)).all()
+
+
+def test_join_errors_name_the_sample(world):
+    coll = StoreCollator(world["store"])
+    good = {k: world["rows"][0][k] for k in ("sample_id", "window", "input_ids")}
+    with pytest.raises(KeyError, match="'0123456789abcdef' window 0 is not in the store"):
+        coll([good, {**good, "sample_id": "0123456789abcdef"}])
+    with pytest.raises(ValueError, match=rf"{good['sample_id']}' window 0: {len(good['input_ids']) + 1} tokens in the dataset"):
+        coll([{**good, "input_ids": good["input_ids"] + [5]}])
+    short = {**good, "input_ids": good["input_ids"][:-2]}
+    with pytest.raises(ValueError, match="allow_prefix=True"):
+        coll([short])
+    other = list(good["input_ids"])
+    other[3] = (other[3] + 1) % 300
+    with pytest.raises(ValueError, match="token 3 is"):
+        coll([{**good, "input_ids": other}])
+    with pytest.raises(KeyError, match="no 'sample_id'"):
+        coll([{"input_ids": good["input_ids"]}])
+    # A prefix (shorter max_length) is exact for a causal teacher: accepted on request.
+    b = StoreCollator(world["store"], allow_prefix=True)([short])
+    full = coll([good])
+    n = len(short["input_ids"])
+    assert torch.equal(b["kd_probs"][0, :n], full["kd_probs"][0, :n]) and int(b["kd_mask"].sum()) == n
+
+
+class _Recorder:
+    """Wraps KDTrainer.compute_loss: records each training step's loss and recomputes it from
+    the store's own targets with the project's separate (unfused) loss functions."""
+
+    def __init__(self, ref, kd_weight, kd_loss, temperature, beta=0.5):
+        self.ref, self.kd_weight, self.kd_loss, self.T, self.beta = ref, kd_weight, kd_loss, temperature, beta
+        self.pairs = []
+
+    def expected(self, model, inputs):
+        ids, att, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        B, L = ids.shape
+        K = max(self.ref[(s, w)][0].shape[1] for s, w in zip(inputs["sample_id"], inputs["_windows"]))
+        idx = torch.zeros(B, L, K, dtype=torch.long)
+        p = torch.zeros(B, L, K)
+        tail = torch.zeros(B, L)
+        mask = torch.zeros(B, L, dtype=torch.bool)
+        for r, key in enumerate(zip(inputs["sample_id"], inputs["_windows"])):
+            i, q, t, _ = self.ref[key]
+            n = len(t)
+            idx[r, :n, : i.shape[1]] = torch.from_numpy(i)
+            p[r, :n, : i.shape[1]] = torch.from_numpy(q)
+            tail[r, :n] = torch.from_numpy(t)
+            mask[r, :n] = True
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=att).logits
+        shifted = torch.full_like(labels, -100)
+        shifted[:, :-1] = labels[:, 1:]
+        ce = ce_loss(logits, shifted)
+        if self.kd_loss == "jsd":
+            kd = sparse_jsd_loss(logits, idx, p, tail, mask, beta=self.beta, temperature=self.T)
+        else:
+            kd = sparse_kd_loss(logits, idx, p, tail, mask, kind=self.kd_loss, temperature=self.T)
+        return float(mix(ce, kd, self.kd_weight))
+
+
+@pytest.mark.parametrize("kd_loss,temperature", [("forward", 1.0), ("reverse", 2.0), ("jsd", 1.0)])
+def test_real_trainer_loss_equals_the_project_loss(world, tmp_path, kd_loss, temperature):
+    import datasets
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from trainer.hf import KDTrainer
+
+    ref = _reference_targets(world["store"])
+    student = AutoModelForCausalLM.from_pretrained(str(world["teacher"]))  # same vocab; weights are irrelevant here
+    torch.manual_seed(0)
+    for prm in student.parameters():  # a student that differs from the teacher
+        prm.data.add_(0.05 * torch.randn_like(prm))
+    ds = datasets.Dataset.from_list(world["rows"]).shuffle(seed=1)
+    rec = _Recorder(ref, 0.7, kd_loss, temperature)
+    base = store_collator(world["store"], world["tok"])
+
+    def collator(features):
+        batch = base(features)
+        batch["_windows"] = [int(f.get("window", 0)) for f in features]
+        return batch
+
+    class Checked(KDTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            windows = inputs.pop("_windows")
+            want = rec.expected(model, {**inputs, "_windows": windows})
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            rec.pairs.append((float(loss.detach()), want))
+            return loss
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             dataloader_num_workers=0, seed=0)
+    trainer = Checked(model=student, args=args, train_dataset=ds, data_collator=collator, kd_weight=0.7, kd_loss=kd_loss,
+                      temperature=temperature)
+    out = trainer.train()
+    assert out.global_step == 3 and len(rec.pairs) == 3
+    for got, want in rec.pairs:
+        assert got == pytest.approx(want, rel=1e-5)
+    logged = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert [h["loss"] for h in logged] == pytest.approx([g for g, _ in rec.pairs], rel=1e-4)
+    assert all("ce" in h and "kd" in h for h in logged)
+    # The weights moved: the Trainer really optimised this loss.
+    assert rec.pairs[0][0] != rec.pairs[-1][0]
+
+
+def test_kd_trainer_rejects_a_batch_without_targets(world, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from trainer.hf import KDTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(str(world["teacher"]))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    tr = KDTrainer(model=model, args=args, kd_weight=0.5)
+    ids = torch.tensor([world["rows"][0]["input_ids"]])
+    with pytest.raises(KeyError, match="StoreCollator"):
+        tr.compute_loss(model, {"input_ids": ids, "labels": ids})
+    with pytest.raises(ValueError, match="kd_loss must be one of"):
+        KDTrainer(model=model, args=args, kd_loss="kl")
+
+
+def test_shuffle_order_does_not_change_targets(world):
+    """Same examples in two orders: each example's targets are identical (no positional lookup)."""
+    coll = StoreCollator(world["store"], cache_row_groups=1)  # tiny cache: forces row-group reloads
+    feats = [{k: r[k] for k in ("sample_id", "window", "input_ids")} for r in world["rows"][:12]]
+    a = coll(feats)
+    perm = list(range(len(feats)))
+    random.Random(0).shuffle(perm)
+    b = coll([feats[i] for i in perm])
+    for j, i in enumerate(perm):
+        n = len(feats[i]["input_ids"])
+        assert torch.equal(a["kd_probs"][i, :n], b["kd_probs"][j, :n])
+        assert torch.equal(a["kd_indices"][i, :n], b["kd_indices"][j, :n])
