@@ -156,12 +156,31 @@ class _Recorder:
         return float(mix(ce, kd, self.kd_weight))
 
 
-@pytest.mark.parametrize("kd_loss,temperature", [("forward", 1.0), ("reverse", 2.0), ("jsd", 1.0)])
-def test_real_trainer_loss_equals_the_project_loss(world, tmp_path, kd_loss, temperature):
-    import datasets
-    from transformers import AutoModelForCausalLM, TrainingArguments
+def _trainer_classes(kind):
+    """(trainer class, its arguments class): the stock Trainer, or TRL's SFTTrainer with the mixin."""
+    from transformers import TrainingArguments
 
-    from trainer.hf import KDTrainer
+    from trainer.hf import KDLossMixin, KDTrainer
+
+    if kind == "Trainer":
+        return KDTrainer, TrainingArguments, {}
+    from trl import SFTConfig, SFTTrainer
+
+    class KDSFTTrainer(KDLossMixin, SFTTrainer):
+        pass
+
+    return KDSFTTrainer, SFTConfig, {"processing_class": None}
+
+
+@pytest.mark.parametrize("kind,kd_loss,temperature", [("Trainer", "forward", 1.0), ("Trainer", "reverse", 2.0),
+                                                      ("Trainer", "jsd", 1.0), ("SFTTrainer", "forward", 1.0)])
+def test_real_trainer_loss_equals_the_project_loss(world, tmp_path, kind, kd_loss, temperature):
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    base_cls, args_cls, extra = _trainer_classes(kind)
+    if "processing_class" in extra:
+        extra["processing_class"] = world["tok"]
 
     ref = _reference_targets(world["store"])
     student = AutoModelForCausalLM.from_pretrained(str(world["teacher"]))  # same vocab; weights are irrelevant here
@@ -177,7 +196,7 @@ def test_real_trainer_loss_equals_the_project_loss(world, tmp_path, kd_loss, tem
         batch["_windows"] = [int(f.get("window", 0)) for f in features]
         return batch
 
-    class Checked(KDTrainer):
+    class Checked(base_cls):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             windows = inputs.pop("_windows")
             want = rec.expected(model, {**inputs, "_windows": windows})
@@ -185,11 +204,11 @@ def test_real_trainer_loss_equals_the_project_loss(world, tmp_path, kd_loss, tem
             rec.pairs.append((float(loss.detach()), want))
             return loss
 
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+    args = args_cls(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
                              learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
                              dataloader_num_workers=0, seed=0)
     trainer = Checked(model=student, args=args, train_dataset=ds, data_collator=collator, kd_weight=0.7, kd_loss=kd_loss,
-                      temperature=temperature)
+                      temperature=temperature, **extra)
     out = trainer.train()
     assert out.global_step == 3 and len(rec.pairs) == 3
     for got, want in rec.pairs:
@@ -207,7 +226,7 @@ def test_kd_trainer_rejects_a_batch_without_targets(world, tmp_path):
     from trainer.hf import KDTrainer
 
     model = AutoModelForCausalLM.from_pretrained(str(world["teacher"]))
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    args = args_cls(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     tr = KDTrainer(model=model, args=args, kd_weight=0.5)
     ids = torch.tensor([world["rows"][0]["input_ids"]])
     with pytest.raises(KeyError, match="StoreCollator"):
