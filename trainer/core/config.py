@@ -82,6 +82,7 @@ class TrainConfig:
     resume: str = ""  # checkpoint file or run directory to continue from
     progress: bool = True  # tqdm bar on rank 0
     plots: bool = True  # PNG curves at the end
+    tensorboard: bool = False  # also log every metrics.jsonl record to out_dir/tensorboard (pip install 'kdstore[tensorboard]')
     save_model: bool = True  # save the final model as a HF directory (out_dir/model)
 
     def validate(self) -> None:

@@ -1,4 +1,5 @@
-"""Run logs: JSONL metrics (one object per train/eval event), sample audit files, PNG curves."""
+"""Run logs: JSONL metrics (one object per train/eval event), sample audit files, PNG curves;
+optionally the same records as TensorBoard scalars (``tensorboard=true``)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class RunLog:
                         kept.append(line)
                         self.history.append(rec)
             self.path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        self._tb = tensorboard_writer(out, resume_step) if dist.is_main and getattr(cfg, "tensorboard", False) else None
         self._samples = None
         if cfg.record_samples:
             mode = "a" if resume_step is not None else "w"
@@ -60,6 +62,8 @@ class RunLog:
         self.history.append(rec)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        if self._tb is not None:
+            tensorboard_scalars(self._tb, rec)
 
     def train(self, step: int, window: dict[str, list[float]], *, world: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"event": "train", "step": step}
@@ -111,3 +115,22 @@ class RunLog:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def tensorboard_writer(out: Path, resume_step: int | None):
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``out/tensorboard``; after a resume at step
+    ``s``, events logged after ``s`` are purged (as in ``metrics.jsonl``)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+    except ImportError as exc:
+        raise ValueError("tensorboard=true needs the tensorboard package: pip install 'kdstore[tensorboard]'") from exc
+    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+
+
+def tensorboard_scalars(writer, rec: dict[str, Any]) -> None:
+    """Every finite number of a record as scalar ``<event>/<key>`` at ``rec["step"]``; flushed at once."""
+    event, step = rec.get("event", "log"), int(rec.get("step", 0))
+    for key, value in rec.items():
+        if key not in ("event", "step") and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            writer.add_scalar(f"{event}/{key}", value, step)
+    writer.flush()
