@@ -7,11 +7,12 @@ windows, the ``window`` number. The collator pads the examples and looks up each
 soft labels in the store by ``(sample_id, window)``, never by step or position, so the
 targets cannot drift from the samples whatever the user does to the order.
 
-Random access reads one Parquet row group per missing row (default 1,024 rows) and keeps the
-last ``cache_row_groups`` decoded groups (about 3 B per kept entry each), so a fully shuffled
-pass over a store much larger than the cache reads each row group about once per row:
-fine for fine-tuning sets, wasteful for billions of tokens (stream those in store order with
-:class:`kdstore.SoftLabelDataset`).
+Random access reads the Parquet row group (default 1,024 rows) of each row not in the cache,
+and keeps recently used groups up to ``cache_bytes`` (undecoded codes: about 3 B per kept
+entry). A store that fits the cache is read once; a fully shuffled pass over a store much
+larger than the cache reads a row group for almost every row (``bench/collate_bench.py``:
+~40x slower than streaming): fine for fine-tuning sets, wasteful for billions of tokens
+(stream those in store order with :class:`kdstore.SoftLabelDataset`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from kdstore.rows import RawRows
 from kdstore.store import TARGET_COLUMNS, Store, open as open_store
 
 KD_KEYS = ("kd_indices", "kd_probs", "kd_tail", "kd_mask")
+
+
+def _nbytes(raw: RawRows) -> int:
+    return sum(a.nbytes for a in vars(raw).values() if isinstance(a, np.ndarray))
 
 
 def _key(sample_id: str) -> int:
@@ -63,7 +68,7 @@ class StoreCollator:
             tokenizer or text); a mismatch raises naming the sample and position.
         allow_prefix: accept an example that is a prefix of its store row (truncated to a
             shorter ``max_length``: a causal teacher's target at t depends only on tokens <= t).
-        cache_row_groups: decoded row groups kept in memory (LRU).
+        cache_bytes: memory for recently used row groups (LRU; at least the current batch's).
         pad_to_multiple_of: round L up to a multiple of this.
     """
 
@@ -76,7 +81,7 @@ class StoreCollator:
         remap: TargetRemap | None = None,
         check_tokens: bool = True,
         allow_prefix: bool = False,
-        cache_row_groups: int = 64,
+        cache_bytes: int = 1 << 30,
         pad_to_multiple_of: int | None = None,
     ) -> None:
         if padding_side not in ("right", "left"):
@@ -87,7 +92,8 @@ class StoreCollator:
         self.remap = remap
         self.check_tokens = check_tokens
         self.allow_prefix = allow_prefix
-        self.cache_row_groups = max(1, int(cache_row_groups))
+        self.cache_bytes = int(cache_bytes)
+        self._cached_bytes = 0
         self.pad_to_multiple_of = pad_to_multiple_of
         self.level = self.store.manifest.level
         # The dataset's collation turns decoded rows into padded tensors (one implementation).
@@ -152,8 +158,9 @@ class StoreCollator:
             raw.tokens = self.store.token_ids(raw.tokens, where=source)
             raw.tokens_are_ids = True
         self._cache[key] = raw
-        while len(self._cache) > self.cache_row_groups:
-            self._cache.popitem(last=False)
+        self._cached_bytes += _nbytes(raw)
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            self._cached_bytes -= _nbytes(self._cache.popitem(last=False)[1])
         return raw
 
     # -- collation -------------------------------------------------------------------------
@@ -161,6 +168,7 @@ class StoreCollator:
         """The store's own batch for these rows (:meth:`SoftLabelDataset.collate`), in this order."""
         windows = [0] * len(sample_ids) if windows is None else [int(w) for w in windows]
         parts = []
+        held: dict[tuple[int, int], RawRows] = {}  # each row group once per batch, even past the cache size
         for i, (sid, w) in enumerate(zip(sample_ids, windows)):
             if not isinstance(sid, str):
                 raise TypeError(f"example {i}: sample_id must be a str, got {type(sid).__name__}")
@@ -172,7 +180,9 @@ class StoreCollator:
                     "captured (see the store's dead letters: kd store inspect); filter such examples out first"
                 )
             s, g, r = hit
-            parts.append((self._group(s, g), np.array([r])))
+            if (s, g) not in held:
+                held[(s, g)] = self._group(s, g)
+            parts.append((held[(s, g)], np.array([r])))
         raw = RawRows.gather(parts, fixed_k=self._ds._fixed_k)
         decoded = self.store.decode_raw(raw, source=" (collator lookup)")
         got = list(decoded.sample_id)

@@ -226,7 +226,7 @@ def test_kd_trainer_rejects_a_batch_without_targets(world, tmp_path):
     from trainer.hf import KDTrainer
 
     model = AutoModelForCausalLM.from_pretrained(str(world["teacher"]))
-    args = args_cls(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     tr = KDTrainer(model=model, args=args, kd_weight=0.5)
     ids = torch.tensor([world["rows"][0]["input_ids"]])
     with pytest.raises(KeyError, match="StoreCollator"):
@@ -237,7 +237,7 @@ def test_kd_trainer_rejects_a_batch_without_targets(world, tmp_path):
 
 def test_shuffle_order_does_not_change_targets(world):
     """Same examples in two orders: each example's targets are identical (no positional lookup)."""
-    coll = StoreCollator(world["store"], cache_row_groups=1)  # tiny cache: forces row-group reloads
+    coll = StoreCollator(world["store"], cache_bytes=1)  # tiny cache: forces row-group reloads
     feats = [{k: r[k] for k in ("sample_id", "window", "input_ids")} for r in world["rows"][:12]]
     a = coll(feats)
     perm = list(range(len(feats)))
