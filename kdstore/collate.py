@@ -12,7 +12,9 @@ and keeps recently used groups up to ``cache_bytes`` (undecoded codes: about 3 B
 entry). A store that fits the cache is read once; a fully shuffled pass over a store much
 larger than the cache reads a row group for almost every row (``bench/collate_bench.py``:
 ~40x slower than streaming): fine for fine-tuning sets, wasteful for billions of tokens
-(stream those in store order with :class:`kdstore.SoftLabelDataset`).
+(stream those in store order with :class:`kdstore.SoftLabelDataset`, or let
+:class:`StoreOrderSampler` order the dataset so that it reads the store a block of row groups
+at a time).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class StoreCollator:
         self.allow_prefix = allow_prefix
         self.cache_bytes = int(cache_bytes)
         self._cached_bytes = 0
+        self.row_group_reads = 0  # cache misses so far (a diagnostic: ~ groups per pass is ideal)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.level = self.store.manifest.level
         # The dataset's collation turns decoded rows into padded tensors (one implementation).
@@ -158,6 +161,7 @@ class StoreCollator:
             raw.tokens = self.store.token_ids(raw.tokens, where=source)
             raw.tokens_are_ids = True
         self._cache[key] = raw
+        self.row_group_reads += 1
         self._cached_bytes += _nbytes(raw)
         while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
             self._cached_bytes -= _nbytes(self._cache.popitem(last=False)[1])
@@ -266,6 +270,50 @@ class StoreCollator:
             out["kd_tail"][r, sl] = target["kd_tail"][r, :n]
             out["kd_mask"][r, sl] = target["kd_mask"][r, :n]
         return out
+
+
+class StoreOrderSampler(torch.utils.data.Sampler):
+    """A shuffled order of a dataset that reads the store one block of row groups at a time.
+
+    Row groups are permuted, grouped ``block_groups`` at a time, and the dataset's examples of
+    a block are permuted among themselves: every epoch is a different order, each example once,
+    and a collator whose cache holds one block (about ``block_groups`` row groups) reads each
+    row group once per epoch instead of about once per example. The order is a pure function
+    of ``(seed, epoch)`` (``set_epoch``, called by the Hugging Face Trainer).
+
+    Args:
+        collator: the :class:`StoreCollator` that will collate the batches.
+        sample_ids, windows: the dataset's join keys, in dataset order (windows default 0).
+    """
+
+    def __init__(self, collator: StoreCollator, sample_ids: Sequence[str], windows: Sequence[int] | None = None, *,
+                 seed: int = 0, block_groups: int = 8) -> None:
+        windows = [0] * len(sample_ids) if windows is None else list(windows)
+        if len(windows) != len(sample_ids):
+            raise ValueError(f"{len(sample_ids)} sample_ids but {len(windows)} windows")
+        group = np.zeros(len(sample_ids), dtype=np.int64)
+        ids: dict[tuple[int, int], int] = {}
+        for i, (sid, w) in enumerate(zip(sample_ids, windows)):
+            hit = collator._find(sid, int(w))
+            if hit is None:
+                raise KeyError(f"example {i}: sample_id {sid!r} window {int(w)} is not in the store {collator.store.uri}")
+            group[i] = ids.setdefault(hit[:2], len(ids))
+        self.group, self.n_groups = group, len(ids)
+        self.seed, self.block_groups, self.epoch = seed, max(1, int(block_groups)), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        rank = np.empty(self.n_groups, dtype=np.int64)
+        rank[rng.permutation(self.n_groups)] = np.arange(self.n_groups)
+        block = rank[self.group] // self.block_groups
+        order = np.lexsort((rng.random(len(block)), block))  # blocks in order, examples shuffled within
+        return iter(order.tolist())
 
 
 def store_collator(store: Store | str, tokenizer: Any = None, **kw: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:

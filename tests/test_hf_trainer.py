@@ -247,3 +247,64 @@ def test_shuffle_order_does_not_change_targets(world):
         n = len(feats[i]["input_ids"])
         assert torch.equal(a["kd_probs"][i, :n], b["kd_probs"][j, :n])
         assert torch.equal(a["kd_indices"][i, :n], b["kd_indices"][j, :n])
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    """A store of 60 rows in row groups of 6 (V = 64) and its rows as a user's dataset."""
+    from _storeutil import make_rows, write_store
+
+    rows, _ = make_rows(60, 64, "topk", seed=4)
+    uri = str(write_store(tmp_path_factory.mktemp("grouped") / "s", rows, v=64, mode="topk", row_group_rows=6))
+    feats = []
+    for d in kdstore.open(uri).iter_decoded():
+        for r in range(d.num_rows):
+            a, b = d.positions[r], d.positions[r + 1]
+            feats.append({"sample_id": d.sample_id[r], "window": int(d.window[r]), "input_ids": d.input_ids[a:b].tolist()})
+    return uri, feats
+
+
+def test_store_order_sampler_reads_each_row_group_once_per_epoch(grouped):
+    from kdstore.collate import StoreOrderSampler
+
+    uri, feats = grouped
+    coll = StoreCollator(uri, cache_bytes=1)  # keeps only the newest row group
+    sampler = StoreOrderSampler(coll, [f["sample_id"] for f in feats], [f["window"] for f in feats], seed=0, block_groups=1)
+    groups = sampler.n_groups
+    assert groups >= 4
+    order = list(sampler)
+    assert sorted(order) == list(range(len(feats)))
+    for s in range(0, len(order), 5):
+        coll([feats[i] for i in order[s : s + 5]])
+    assert coll.row_group_reads == groups  # each group once per epoch
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == sorted(order)
+    assert list(StoreOrderSampler(coll, [f["sample_id"] for f in feats], [f["window"] for f in feats], seed=0,
+                                  block_groups=1)) == order  # a pure function of (seed, epoch)
+    shuffled = list(range(len(feats)))
+    random.Random(0).shuffle(shuffled)
+    before = coll.row_group_reads
+    for s in range(0, len(shuffled), 5):
+        coll([feats[i] for i in shuffled[s : s + 5]])
+    assert coll.row_group_reads - before > 2 * groups  # what uniform shuffling costs with a small cache
+    with pytest.raises(KeyError, match="example 1: sample_id 'ffffffffffffffff'"):
+        StoreOrderSampler(coll, [feats[0]["sample_id"], "ffffffffffffffff"])
+
+
+def test_kd_trainer_store_order_uses_the_sampler(world, grouped, tmp_path):
+    import datasets
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from kdstore.collate import StoreOrderSampler
+    from trainer.hf import KDTrainer
+
+    uri, feats = grouped
+    ds = datasets.Dataset.from_list(feats)
+    coll = store_collator(uri, world["tok"])
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    tr = KDTrainer(model=AutoModelForCausalLM.from_pretrained(str(world["teacher"])), args=args, train_dataset=ds,
+                   data_collator=coll, store_order=True)
+    assert isinstance(tr._get_train_sampler(), StoreOrderSampler)
+    tr.train()
+    assert 0 < coll.row_group_reads <= 10  # 16 examples from at most 2 blocks of 8 groups, each read once

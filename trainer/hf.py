@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from kdstore.collate import StoreCollator, StoreOrderSampler
 from trainer.core.losses import IGNORE_INDEX, ce_and_sparse_kd_loss, ce_loss, mix, sparse_jsd_loss
 
 KD_LOSSES = ("forward", "reverse", "symmetric", "jsd")
@@ -76,13 +77,17 @@ def kd_loss_from_batch(
 class KDLossMixin:
     """``compute_loss`` for any ``transformers.Trainer`` subclass (``Trainer``, TRL's ``SFTTrainer``):
     mix CE and sparse KD from the batch's stored targets. Keyword arguments as
-    :func:`kd_loss_from_batch`; ``ce`` and ``kd`` are logged next to ``loss``."""
+    :func:`kd_loss_from_batch`; ``ce`` and ``kd`` are logged next to ``loss``. ``store_order=True``
+    shuffles with :class:`kdstore.collate.StoreOrderSampler` (blocks of 8 of the store's row
+    groups; an int sets the block size) instead of uniformly: use it when the store is larger
+    than the collator's cache, with ``cache_bytes`` holding one block."""
 
     # The loss is a mean over one micro-batch: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, kd_weight: float = 0.5, kd_loss: str = "forward", beta: float = 0.5,
-                 temperature: float = 1.0, tail_bucket: bool = True, loss_chunk: int = 0, **kwargs: Any) -> None:
+                 temperature: float = 1.0, tail_bucket: bool = True, loss_chunk: int = 0, store_order: bool | int = False,
+                 **kwargs: Any) -> None:
         if not 0.0 <= kd_weight <= 1.0:
             raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
         if kd_loss not in KD_LOSSES:
@@ -92,7 +97,24 @@ class KDLossMixin:
         self.kd_options = dict(kd_weight=kd_weight, kd_loss=kd_loss, beta=beta, temperature=temperature,
                                tail_bucket=tail_bucket, chunk_size=loss_chunk)
         self._kd_logged: dict[str, list[float]] = {"ce": [], "kd": []}
+        self.store_order = store_order
         super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        # store_order=True: shuffle by blocks of the store's row groups (StoreOrderSampler), so a
+        # store larger than the collator's cache is read about once per epoch, not once per example.
+        if not self.store_order:
+            return super()._get_train_sampler(train_dataset)
+        ds = self.train_dataset if train_dataset is None else train_dataset
+        if not isinstance(self.data_collator, StoreCollator):
+            raise TypeError("store_order=True needs data_collator to be a kdstore.collate.StoreCollator")
+        cols = getattr(ds, "column_names", None)
+        if cols is not None:  # datasets.Dataset: read the key columns without decoding the rows
+            sids, wins = ds["sample_id"], (ds["window"] if "window" in cols else None)
+        else:
+            sids, wins = [ex["sample_id"] for ex in ds], [int(ex.get("window", 0)) for ex in ds]
+        blocks = 8 if self.store_order is True else int(self.store_order)
+        return StoreOrderSampler(self.data_collator, sids, wins, seed=self.args.seed, block_groups=blocks)
 
     def _set_signature_columns_if_needed(self) -> None:
         # Keep the join keys: the default column removal would drop them before the collator.
