@@ -200,9 +200,9 @@ def test_real_trainer_loss_equals_the_project_loss(world, tmp_path, kind, kd_los
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             windows = inputs.pop("_windows")
             want = rec.expected(model, {**inputs, "_windows": windows})
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            rec.pairs.append((float(loss.detach()), want))
-            return loss
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            rec.pairs.append((float((out[0] if return_outputs else out).detach()), want))
+            return out
 
     args = args_cls(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
                              learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
@@ -218,6 +218,10 @@ def test_real_trainer_loss_equals_the_project_loss(world, tmp_path, kind, kd_los
     assert all("ce" in h and "kd" in h for h in logged)
     # The weights moved: the Trainer really optimised this loss.
     assert rec.pairs[0][0] != rec.pairs[-1][0]
+    n = len(rec.pairs)
+    ev = trainer.evaluate(ds.select(range(8)))  # evaluation (one batch of 8) goes through the same loss
+    assert len(rec.pairs) == n + 1
+    assert ev["eval_loss"] == pytest.approx(rec.pairs[-1][0], rel=1e-5) and rec.pairs[-1][0] == pytest.approx(rec.pairs[-1][1], rel=1e-5)
 
 
 def test_kd_trainer_rejects_a_batch_without_targets(world, tmp_path):
