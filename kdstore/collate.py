@@ -59,7 +59,10 @@ class StoreCollator:
       the token after token t, i.e. it goes with ``logits[:, t]``)
     - ``sample_id`` (list of B str)
 
-    Sequence-level stores give ``kd_indices``/``kd_probs`` ``[B, K]`` and ``kd_tail``/``kd_mask`` ``[B]``.
+    Sequence-level stores (classification) give ``kd_indices``/``kd_probs`` ``[B, K]``,
+    ``kd_tail``/``kd_mask`` ``[B]`` and ``labels`` ``[B]`` (the example's ``labels``/``label``,
+    else the store's label, -100 where neither has one); tokens are not checked (the store
+    keeps none).
 
     Args:
         store: an opened store or its URI.
@@ -206,17 +209,24 @@ class StoreCollator:
             )
         sids = [f["sample_id"] for f in features]
         wins = [int(f.get("window", 0)) for f in features]
-        batch = self._pad(features)
+        batch = self._pad(features, token_labels=self.level == "token")
         target = self.lookup(sids, wins)
         if self.level == "sequence":
-            batch.update(kd_indices=target["kd_indices"], kd_probs=target["kd_probs"], kd_tail=target["kd_tail"],
-                         kd_mask=torch.ones(len(features), dtype=torch.bool))
+            # Class labels [B]: the example's own ("labels"/"label"), else the store's (-100 = none).
+            own = [f.get("labels", f.get("label")) for f in features]
+            labels = target["labels"].clone()
+            for r, y in enumerate(own):
+                if y is not None:
+                    labels[r] = int(y)
+            batch.pop("_lengths")
+            batch.update(labels=labels, kd_indices=target["kd_indices"], kd_probs=target["kd_probs"],
+                         kd_tail=target["kd_tail"], kd_mask=torch.ones(len(features), dtype=torch.bool))
         else:
             batch.update(self._align(batch, target, sids, wins))
         batch["sample_id"] = sids
         return batch
 
-    def _pad(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _pad(self, features: list[dict[str, Any]], *, token_labels: bool = True) -> dict[str, torch.Tensor]:
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long).reshape(-1) for f in features]
         L = max(len(x) for x in ids)
         if self.pad_to_multiple_of:
@@ -230,8 +240,12 @@ class StoreCollator:
             sl = slice(0, len(x)) if self.padding_side == "right" else slice(L - len(x), L)
             out_ids[r, sl] = x
             att[r, sl] = torch.as_tensor(f["attention_mask"], dtype=torch.long).reshape(-1) if "attention_mask" in f else 1
-            labels[r, sl] = torch.as_tensor(f["labels"], dtype=torch.long).reshape(-1) if "labels" in f else x
-        return {"input_ids": out_ids, "attention_mask": att, "labels": labels, "_lengths": torch.tensor([len(x) for x in ids])}
+            if token_labels:
+                labels[r, sl] = torch.as_tensor(f["labels"], dtype=torch.long).reshape(-1) if "labels" in f else x
+        out = {"input_ids": out_ids, "attention_mask": att, "_lengths": torch.tensor([len(x) for x in ids])}
+        if token_labels:
+            out["labels"] = labels
+        return out
 
     def _align(self, batch: dict[str, torch.Tensor], target: dict[str, Any], sids: list[str], wins: list[int]) -> dict[str, torch.Tensor]:
         """Place the store's ``[B, T, K]`` targets at each example's positions in ``[B, L]``."""

@@ -312,3 +312,23 @@ def test_kd_trainer_store_order_uses_the_sampler(world, grouped, tmp_path):
     assert isinstance(tr._get_train_sampler(), StoreOrderSampler)
     tr.train()
     assert 0 < coll.row_group_reads <= 10  # 16 examples from at most 2 blocks of 8 groups, each read once
+
+
+def test_sequence_level_store_joins_class_targets(tmp_path):
+    from kdstore import Selection as Sel, SoftLabelRow, StoreWriter, TeacherInfo
+
+    uri = str(tmp_path / "seq")
+    with StoreWriter(uri, teacher=TeacherInfo(name_or_path="clf", vocab_size=3), selection=Sel(mode="topk", k=2),
+                     level="sequence", columns={"label": True}) as w:
+        w.write([SoftLabelRow(sample_id=sample_id(f"text {i}"), tokens=np.zeros(0, np.uint64), counts=np.array([2]),
+                              indices=np.array([i % 3, (i + 1) % 3]), probs=np.array([0.6 + 0.01 * i, 0.3]), tail=np.array([0.1 - 0.01 * i]),
+                              label=None if i == 2 else i % 3) for i in range(6)])
+    coll = StoreCollator(uri)
+    feats = [{"sample_id": sample_id(f"text {i}"), "input_ids": list(range(i + 2))} for i in (4, 2, 0)]
+    feats[0]["label"] = 1  # the example's own label wins over the store's
+    b = coll(feats)
+    assert b["input_ids"].shape == (3, 6) and b["labels"].tolist() == [1, -100, 0]
+    assert b["kd_indices"].tolist() == [sorted([1, 2]), sorted([2, 0]), [0, 1]]
+    p4 = dict(zip(b["kd_indices"][0].tolist(), b["kd_probs"][0].tolist()))
+    assert p4[1] == pytest.approx(0.64, abs=0.01) and b["kd_tail"][0].item() == pytest.approx(0.06, abs=0.01)
+    assert b["kd_mask"].all()
