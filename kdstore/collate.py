@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import xxhash
+from tqdm.auto import tqdm
 
 from kdstore.dataset import IGNORE_INDEX, SoftLabelDataset, TargetRemap
 from kdstore.errors import CorruptShardError
@@ -112,7 +113,8 @@ class StoreCollator:
     # -- index: (sample_id, window) -> (shard, row group, row) -----------------------------
     def _build_index(self) -> None:
         keys, windows, shard, group, row = [], [], [], [], []
-        for s in range(len(self.store.shards)):
+        shards = range(len(self.store.shards))
+        for s in tqdm(shards, desc="store index", unit="shard", disable=len(shards) < 20, leave=False):
             pf = self._file(s)
             for g in range(pf.metadata.num_row_groups):
                 t = pf.read_row_group(g, columns=["sample_id", "window"])
@@ -127,6 +129,12 @@ class StoreCollator:
         order = np.lexsort((w, k))
         self._keys, self._windows = k[order], w[order]
         self._where = np.stack([cat(shard, np.int64), cat(group, np.int64), cat(row, np.int64)], 1)[order]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by spawn pickle the collator: open files and the cache stay behind.
+        state = dict(self.__dict__)
+        state.update(_files={}, _cache=OrderedDict(), _cached_bytes=0)
+        return state
 
     def __len__(self) -> int:
         """Rows in the store (the number of ``(sample_id, window)`` pairs it can join)."""

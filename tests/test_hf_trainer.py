@@ -332,3 +332,14 @@ def test_sequence_level_store_joins_class_targets(tmp_path):
     p4 = dict(zip(b["kd_indices"][0].tolist(), b["kd_probs"][0].tolist()))
     assert p4[1] == pytest.approx(0.64, abs=0.01) and b["kd_tail"][0].item() == pytest.approx(0.06, abs=0.01)
     assert b["kd_mask"].all()
+
+
+def test_collator_pickles_for_spawned_dataloader_workers(grouped):
+    import pickle
+
+    uri, feats = grouped
+    coll = StoreCollator(uri)
+    a = coll(feats[:5])
+    again = pickle.loads(pickle.dumps(coll))
+    b = again(feats[:5])
+    assert torch.equal(a["kd_probs"], b["kd_probs"]) and torch.equal(a["kd_indices"], b["kd_indices"])
