@@ -174,3 +174,17 @@ def test_bad_beta_is_rejected():
     logits, idx, p, tail, mask = _sparse_case()
     with pytest.raises(ValueError, match="beta must be in"):
         sparse_jsd_loss(logits, idx, p, tail, mask, beta=1.5)
+
+
+def test_ce_and_stored_kd_loss_dispatches_every_kind():
+    from trainer.core.losses import ce_and_sparse_kd_loss, ce_and_stored_kd_loss, ce_loss
+
+    logits, idx, p, tail, mask = _sparse_case()
+    labels = torch.where(mask, 3, -100)
+    for kind in ("forward", "reverse", "symmetric"):
+        got = ce_and_stored_kd_loss(logits, labels, idx, p, tail, mask, kind=kind, temperature=1.5)
+        want = ce_and_sparse_kd_loss(logits, labels, idx, p, tail, mask, kind=kind, temperature=1.5)
+        assert [x.item() for x in got] == [x.item() for x in want]
+    ce, kd = ce_and_stored_kd_loss(logits, labels, idx, p, tail, mask, kind="jsd", beta=0.3)
+    assert ce.item() == ce_loss(logits, labels).item()
+    assert kd.item() == sparse_jsd_loss(logits, idx, p, tail, mask, beta=0.3).item()

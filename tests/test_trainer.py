@@ -8,6 +8,7 @@ their real distributions are captured into stores (top-k and sample mode) with
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -120,6 +121,23 @@ def test_online_teacher_sample_mode_and_chunked_loss_runs(world, tmp_path):
     assert on["eval_kl_kind"] == "full" and on["eval_kl"] > 0  # full KL to the online teacher on text
     sm = train(_cfg(world, tmp_path / "sample", store=world["sample"], max_steps=6, kd_weight=1.0, precision="bf16"))
     assert sm["finished"] and all(r["kd"] > 0 for r in _events(tmp_path / "sample", "train"))
+
+
+def test_jsd_kd_and_tensorboard_log(world, tmp_path):
+    out = tmp_path / "jsd"
+    res = train(_cfg(world, out, kd_loss="jsd", kd_beta=0.5, kd_weight=1.0, max_steps=10, log_every=2, tensorboard=True))
+    assert res["finished"]
+    kd = [r["kd"] for r in _events(out, "train")]
+    assert len(kd) == 5 and all(0 < v <= math.log(2) for v in kd)  # JSD(beta=0.5) is bounded by ln 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/kd")] == [
+        (r["step"], pytest.approx(r["kd"], rel=1e-6)) for r in _events(out, "train")]
+    with pytest.raises(ValueError, match="kd_loss=jsd is implemented over stored targets only"):
+        train(_cfg(world, tmp_path / "x", store="", train_text=world["train_text"], online_teacher=str(world["teacher"]),
+                   kd_loss="jsd", tokenizer=str(world["tok"])))
 
 
 def test_student_with_an_aligned_vocabulary(world, tmp_path):

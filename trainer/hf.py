@@ -27,7 +27,7 @@ import torch
 from transformers import Trainer
 
 from kdstore.collate import StoreCollator, StoreOrderSampler
-from trainer.core.losses import IGNORE_INDEX, ce_and_sparse_kd_loss, ce_loss, mix, sparse_jsd_loss
+from trainer.core.losses import IGNORE_INDEX, ce_and_stored_kd_loss, mix
 
 KD_LOSSES = ("forward", "reverse", "symmetric", "jsd")
 # Batch keys the model must not receive (collator outputs that only the loss reads).
@@ -64,13 +64,9 @@ def kd_loss_from_batch(
     labels = batch.get("shift_labels")
     if labels is None:
         labels = shift_labels(batch["labels"])
-    args = (batch["kd_indices"], batch["kd_probs"], batch["kd_tail"], batch["kd_mask"])
-    if kd_loss == "jsd":
-        ce = ce_loss(logits, labels, chunk_size=chunk_size)
-        kd = sparse_jsd_loss(logits, *args, beta=beta, temperature=temperature, tail_bucket=tail_bucket, chunk_size=chunk_size)
-    else:
-        ce, kd = ce_and_sparse_kd_loss(logits, labels, *args, kind=kd_loss, temperature=temperature,
-                                       tail_bucket=tail_bucket, chunk_size=chunk_size)
+    ce, kd = ce_and_stored_kd_loss(logits, labels, batch["kd_indices"], batch["kd_probs"], batch["kd_tail"], batch["kd_mask"],
+                                   kind=kd_loss, beta=beta, temperature=temperature, tail_bucket=tail_bucket,
+                                   chunk_size=chunk_size)
     return mix(ce, kd, kd_weight), ce, kd
 
 

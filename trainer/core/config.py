@@ -47,7 +47,8 @@ class TrainConfig:
 
     # -- loss ------------------------------------------------------------------------------
     kd_weight: float = 0.5  # a in loss = (1 - a) * CE + a * KD
-    kd_loss: str = "forward"  # forward | reverse | symmetric
+    kd_loss: str = "forward"  # forward | reverse | symmetric | jsd (generalized JSD, TRL GKD's; stores only)
+    kd_beta: float = 0.5  # jsd: teacher weight of the mixture (0 = forward KL, 1 = reverse KL)
     temperature: float = 1.0  # student (and online teacher) temperature; KD term scaled by T^2
     tail_bucket: bool = True  # sparse KL over kept entries + a (k+1)-th bucket for the tail mass
     loss_chunk: int = 0  # positions per loss chunk (bounds fp32 [N, V] memory); 0 = one chunk
@@ -93,8 +94,12 @@ class TrainConfig:
             raise ValueError("set either store= or train_text=, not both")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
-        if self.kd_loss not in ("forward", "reverse", "symmetric"):
-            raise ValueError(f"kd_loss must be forward, reverse or symmetric, got {self.kd_loss!r}")
+        if self.kd_loss not in ("forward", "reverse", "symmetric", "jsd"):
+            raise ValueError(f"kd_loss must be forward, reverse, symmetric or jsd, got {self.kd_loss!r}")
+        if not 0.0 <= self.kd_beta <= 1.0:
+            raise ValueError(f"kd_beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.kd_beta}")
+        if self.kd_loss == "jsd" and self.online_teacher:
+            raise ValueError("kd_loss=jsd is implemented over stored targets only; use forward/reverse/symmetric with online_teacher=")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.precision not in ("fp32", "bf16", "auto"):

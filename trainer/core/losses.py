@@ -553,3 +553,28 @@ def sparse_jsd_loss(
 
     loss = _reduce_positions(fn, logits, kd_mask.bool(), (kd_indices, kd_probs, kd_tail), chunk_size=chunk_size, reduction=reduction)
     return loss * temperature**2
+
+
+def ce_and_stored_kd_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    kd_indices: torch.Tensor,
+    kd_probs: torch.Tensor,
+    kd_tail: torch.Tensor,
+    kd_mask: torch.Tensor,
+    *,
+    kind: str = "forward",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail_bucket: bool = True,
+    chunk_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(CE, KD)`` means against stored targets for every KD kind a recipe can name:
+    ``forward``/``reverse``/``symmetric`` (:func:`ce_and_sparse_kd_loss`, one shared
+    log-softmax) or ``jsd`` (:func:`ce_loss` and :func:`sparse_jsd_loss` with ``beta``)."""
+    if kind == "jsd":
+        return (ce_loss(logits, labels, chunk_size=chunk_size),
+                sparse_jsd_loss(logits, kd_indices, kd_probs, kd_tail, kd_mask, beta=beta, temperature=temperature,
+                                tail_bucket=tail_bucket, chunk_size=chunk_size))
+    return ce_and_sparse_kd_loss(logits, labels, kd_indices, kd_probs, kd_tail, kd_mask, kind=kind, temperature=temperature,
+                                 tail_bucket=tail_bucket, chunk_size=chunk_size)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from trainer.core import checkpoint as ckpt_io
 from trainer.core.config import TrainConfig, apply_overrides, format_config, from_dict, to_dict
 from trainer.lm.evaluate import autocast, evaluate, model_inputs
-from trainer.core.losses import ce_and_dense_kd_loss, ce_and_sparse_kd_loss, ce_loss, mix
+from trainer.core.losses import ce_and_dense_kd_loss, ce_and_stored_kd_loss, ce_loss, mix
 from trainer.lm.models import PRESETS, count_parameters, vocab_size_of
 from trainer.core.runlog import RunLog, json_safe, mean, median
 from trainer.core.runtime import Dist, param_digest, resolve_precision, seed_all
@@ -196,9 +196,9 @@ def _loss(cfg: TrainConfig, net: torch.nn.Module, teacher: torch.nn.Module | Non
         mask = batch["kd_mask"] if "kd_mask" in batch else batch["attention_mask"]
         ce, kd = ce_and_dense_kd_loss(logits, labels, t_logits, mask.to(device), **kw)
     elif a > 0.0:
-        ce, kd = ce_and_sparse_kd_loss(
+        ce, kd = ce_and_stored_kd_loss(
             logits, labels, batch["kd_indices"].to(device), batch["kd_probs"].to(device), batch["kd_tail"].to(device),
-            batch["kd_mask"].to(device), tail_bucket=cfg.tail_bucket, **kw,
+            batch["kd_mask"].to(device), tail_bucket=cfg.tail_bucket, beta=cfg.kd_beta, **kw,
         )
     else:
         ce, kd = ce_loss(logits, labels, chunk_size=cfg.loss_chunk), torch.full((), math.nan)
