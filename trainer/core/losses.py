@@ -23,6 +23,9 @@ a position (the store guarantees it). In ``sample`` mode the stored
 draw frequencies (tail 0) are the target: forward KL is then the RS-KD estimator, an
 unbiased estimate of the full cross-entropy up to a constant.
 
+:func:`sparse_jsd_loss` is TRL GKD's generalized Jensen-Shannon divergence (beta) over the
+same (K+1)-class targets; :func:`ce_and_stored_kd_loss` picks the loss by name for recipes.
+
 The trainer calls :func:`ce_and_sparse_kd_loss` / :func:`ce_and_dense_kd_loss`: the same
 two numbers as the separate losses (tested values and gradients), but from one fp32
 log-softmax over ``[N, V]`` -- for a small student that tensor is the largest of the step,
