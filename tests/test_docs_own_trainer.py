@@ -59,6 +59,7 @@ def test_plain_loop_block_is_short_and_distils(workdir):
     code = doc_block("plain-loop")
     assert len(code.strip().splitlines()) <= 40
     out = _run(code, workdir)
+    print(out.strip().splitlines()[-1])
     m = re.search(r"done: (\d+) steps, KD ([\d.]+) -> ([\d.]+)", out)
     assert m, out
     steps, first, last = int(m.group(1)), float(m.group(2)), float(m.group(3))
