@@ -96,5 +96,5 @@ def test_demo_help_lists_the_knobs(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for knob in ("--steps", "--select", "--capture-lines", "--out", "--recipe", "--quant-bits"):
+    for knob in ("--steps", "--select", "--capture-lines", "--out", "--recipe", "--quant-bits", "--rebuild-teacher"):
         assert knob in text

@@ -154,6 +154,23 @@ def test_student_with_an_aligned_vocabulary(world, tmp_path):
     assert res["eval_kl_kind"] == "none" and res["eval_ce"] > 0
 
 
+def test_eval_kl_final_runs_the_eval_teacher_only_at_the_end(world, tmp_path):
+    # Text eval data with an eval teacher: eval_kl=every gives a KL at every evaluation,
+    # final only at the last one; the held-out CE curve is the same either way.
+    kw = dict(kd_weight=0.0, max_steps=8, eval_every=4, eval_data=world["val_text"], tokenizer=str(world["tok"]),
+              eval_teacher=str(world["teacher"]))
+    every = train(_cfg(world, tmp_path / "every", **kw))
+    final = train(_cfg(world, tmp_path / "final", eval_kl="final", **kw))
+    ev_every, ev_final = _events(tmp_path / "every", "eval"), _events(tmp_path / "final", "eval")
+    assert [e["step"] for e in ev_final] == [e["step"] for e in ev_every] == [0, 4, 8]
+    assert all(e["eval_kl"] is not None for e in ev_every)
+    assert [e["eval_kl"] is None for e in ev_final] == [True, True, False]
+    assert [e["eval_ce"] for e in ev_final] == [e["eval_ce"] for e in ev_every]
+    assert final["eval_kl"] == every["eval_kl"] > 0
+    with pytest.raises(ValueError, match="eval_kl must be every or final"):
+        _cfg(world, tmp_path / "bad", eval_kl="last", **{k: v for k, v in kw.items()}).validate()
+
+
 def test_lm_main_trains_on_text(world, tmp_path):
     rc = lm_main(["--train-text", world["train_text"], "--tokenizer", str(world["tok"]), "--model", "micro",
                   "--eval-data", world["val_text"], "--out", str(tmp_path / "lm"), "--max-steps", "12",

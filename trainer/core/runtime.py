@@ -90,12 +90,19 @@ class Dist:
 
 
 def param_digest(model: torch.nn.Module) -> str:
+    """:func:`state_digest` of the model's ``state_dict()``."""
+    return state_digest(model.state_dict())
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """Hex xxh3-64 over the tensors' names and raw bytes, in name order (bit-for-bit identity)."""
     import xxhash  # noqa: PLC0415
 
     h = xxhash.xxh3_64()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(state.items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16
+                 else t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -29,6 +29,8 @@ import xxhash
 
 RECIPE_VERSION = 2
 TOKENIZER_VOCAB = 4000
+# Threads of a CPU recipe's build (the shipped teacher was built with 2; see recipe_train_config).
+BUILD_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -103,14 +105,18 @@ def _recipe(recipe: str | Recipe) -> Recipe:
     return RECIPES[recipe]
 
 
-def cache_key(recipe: Recipe, *, tokenizer_dir: Path) -> str:
-    """Hex xxh3-64 of the recipe, model spec, tokenizer identity and training-text hash."""
+def cache_key(recipe: Recipe, *, tokenizer_dir: Path, precision: str | None = None) -> str:
+    """Hex xxh3-64 of the recipe, model spec, tokenizer identity and training-text hash.
+
+    ``precision``: the resolved precision to key by (default: what ``recipe.precision``
+    resolves to on this machine; a shipped artifact is checked with the one it was built with).
+    """
     from trainer.data.tokenizers import tokenizer_hash  # noqa: PLC0415
     from trainer.lm.models import spec_dict  # noqa: PLC0415
     from trainer.lm.textdata import load_texts, texts_hash  # noqa: PLC0415
 
     payload = {
-        "recipe": dataclasses.asdict(recipe), "precision": _precision(recipe), "model": spec_dict(recipe.model), "version": RECIPE_VERSION,
+        "recipe": dataclasses.asdict(recipe), "precision": precision or _precision(recipe), "model": spec_dict(recipe.model), "version": RECIPE_VERSION,
         "tokenizer": tokenizer_hash(tokenizer_dir), "train_text": texts_hash(load_texts(recipe.train_text)),
     }
     return xxhash.xxh3_64_hexdigest(json.dumps(payload, sort_keys=True).encode("utf-8"))
@@ -125,7 +131,6 @@ def reference_lm(*, cache_dir: str | Path, recipe: str | Recipe, force: bool = F
     It is built under a temporary name and renamed into place when complete.
     ``tokenizer_dir`` replaces the reference BPE tokenizer (tests, other corpora).
     """
-    from trainer.core.config import TrainConfig  # noqa: PLC0415
     from trainer.lm.student import train  # noqa: PLC0415
 
     r = _recipe(recipe)
@@ -137,13 +142,7 @@ def reference_lm(*, cache_dir: str | Path, recipe: str | Recipe, force: bool = F
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
     try:
-        cfg = TrainConfig(
-            train_text=r.train_text, tokenizer=str(tok_dir), model=r.model, kd_weight=0.0, seq_len=r.seq_len,
-            max_steps=r.max_steps, batch_size=r.batch_size, lr=r.lr, lr_embed_mult=r.lr_embed_mult, warmup_steps=r.warmup_steps,
-            min_lr_ratio=r.min_lr_ratio, weight_decay=r.weight_decay, precision=r.precision, device=r.device,
-            seed=r.seed, eval_data=r.eval_text, eval_every=100, log_every=10, out_dir=str(tmp / "run"),
-            progress=progress, threads=threads, keep_checkpoints=1,
-        )
+        cfg = recipe_train_config(r, tokenizer_dir=tok_dir, out_dir=tmp / "run", progress=progress, threads=threads)
         t0 = time.perf_counter()
         summary = train(cfg)
         wall = time.perf_counter() - t0
@@ -157,7 +156,7 @@ def reference_lm(*, cache_dir: str | Path, recipe: str | Recipe, force: bool = F
             "eval_tokens": summary["eval_tokens"], "train_seconds": summary["train_seconds"], "wall_seconds": wall,
             "step_time_median": summary["step_time_median"], "steps": summary["steps"],
             "tokens_seen": summary["steps"] * r.batch_size * r.seq_len, "tokenizer": str(tok_dir),
-            "threads": _threads(), "precision": _precision(r), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "threads": _threads(), "precision": _precision(r), "cpu_capability": _cpu_capability(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (tmp / "reference.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if force and final.exists():
@@ -171,6 +170,37 @@ def reference_lm(*, cache_dir: str | Path, recipe: str | Recipe, force: bool = F
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def recipe_train_config(recipe: Recipe, *, tokenizer_dir: str | Path, out_dir: str | Path, progress: bool = True,
+                        threads: int = 0, **overrides: Any):
+    """The :class:`~trainer.core.config.TrainConfig` that trains ``recipe`` (``overrides``: e.g.
+    ``stop_at=20`` to replay its first steps; the schedule still spans ``max_steps``).
+
+    CPU recipes run on ``BUILD_THREADS`` threads unless ``threads`` says otherwise: the
+    intra-op split changes float summation order, so a rebuild is bit for bit only with the
+    thread count the shipped teacher was built with.
+    """
+    from trainer.core.config import TrainConfig  # noqa: PLC0415
+
+    r = recipe
+    if threads == 0 and r.device == "cpu":
+        threads = BUILD_THREADS
+    kw: dict[str, Any] = dict(
+        train_text=r.train_text, tokenizer=str(tokenizer_dir), model=r.model, kd_weight=0.0, seq_len=r.seq_len,
+        max_steps=r.max_steps, batch_size=r.batch_size, lr=r.lr, lr_embed_mult=r.lr_embed_mult, warmup_steps=r.warmup_steps,
+        min_lr_ratio=r.min_lr_ratio, weight_decay=r.weight_decay, precision=r.precision, device=r.device,
+        seed=r.seed, eval_data=r.eval_text, eval_every=100, log_every=10, out_dir=str(out_dir),
+        progress=progress, threads=threads, keep_checkpoints=1,
+    )
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def _cpu_capability() -> str:
+    import torch  # noqa: PLC0415
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def _precision(recipe: Recipe) -> str:

@@ -104,7 +104,8 @@ def _train(cfg: TrainConfig, dist: "Dist") -> dict[str, Any]:
     cpu_times: list[float] = []
     window: dict[str, list[float]] = {}
     if held_out is not None and cfg.eval_every and step == 0:
-        log.eval(0, _run_eval(cfg, model, held_out, eval_teacher, dist), bar)  # the curve starts at the init
+        # The curve starts at the init; eval_kl=final runs the teacher only at the end.
+        log.eval(0, _run_eval(cfg, model, held_out, eval_teacher if cfg.eval_kl == "every" else None, dist), bar)
     t_train = time.perf_counter()
     model.train()
     while step < stop:
@@ -147,7 +148,7 @@ def _train(cfg: TrainConfig, dist: "Dist") -> dict[str, Any]:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}", lr=f"{rec['lr']:.2e}")
             window = {}
         if held_out is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            log.eval(step, _run_eval(cfg, model, held_out, eval_teacher, dist), bar)
+            log.eval(step, _run_eval(cfg, model, held_out, eval_teacher if cfg.eval_kl == "every" else None, dist), bar)
         if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
             _save(cfg, dist, step, model, optimizer, scheduler, data)
     bar.close()
