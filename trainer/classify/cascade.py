@@ -5,7 +5,8 @@ Stages (``--stage a|b|c|all``) and what each leaves in the run directory::
     data.step.json  data/{train,validation,test}.jsonl  data/vocab.json  data/rejected.jsonl
     a/model/        model A (default: transformer encoder) trained on (x, y)
     a/store/        A's class distribution for every training sample: a sequence-level store
-                    written by the Beam capture (trainer/cascade_capture.py)
+                    written by the one capture path (``kd cache``, pipelines/capture.py,
+                    teacher kind ``classifier-bundle``)
     a/split/        split.parquet (sample_id, label, pred, score, target) + substandard.jsonl
                     + scores.png: score = A's probability of the gold label ("gold_prob") or
                     1[argmax == gold] ("hit"); score >= threshold -> target, else substandard
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 import xxhash
 
 from kdstore.hashing import sample_id as content_id
+from kdstore.textio import Record, dedupe
 from trainer.classify import cascade_targets as T
 from trainer.classify.cascade_config import CascadeConfig, apply_overrides
 from trainer.classify.cascade_train import Encoded, encode_texts, evaluate, fit, plot_curves, plot_scores, throughput
@@ -137,21 +139,20 @@ class CascadeData:
 
 
 def dedupe_by_id(examples: Sequence[Any]) -> tuple[list[dict], int, list[dict]]:
-    """Collapse examples with the same content id. Identical copies merge into one; a text
+    """Collapse examples with the same content id by the one dedupe rule
+    (:func:`kdstore.textio.resolve_duplicates`): identical copies merge into one; a text
     labelled differently by its copies is rejected (every copy), since one sample id can carry
     one gold label only. Returns (unique rows, merged copies, rejected records)."""
-    groups: dict[str, list[Any]] = {}
-    for ex in examples:
-        groups.setdefault(content_id(ex.text), []).append(ex)
-    rows, merged, rejected = [], 0, []
-    for sid, exs in groups.items():
-        labels = sorted({int(e.label) for e in exs})
-        if len(labels) > 1:
-            rejected.append({"sample_id": sid, "reason": f"conflicting labels {labels} for one text", "copies": len(exs),
-                             "text": exs[0].text[:200]})
-            continue
-        merged += len(exs) - 1
-        rows.append({"sample_id": sid, "text": exs[0].text, "label": labels[0]})
+    records = [Record(text=ex.text, sample_id=content_id(ex.text), source=f"train:{i + 1}", label=int(ex.label))
+               for i, ex in enumerate(examples)]
+    kept, dead, merged = dedupe(records)
+    rows = [{"sample_id": r.sample_id, "text": r.text, "label": r.label} for r in kept]
+    text_of = {r.sample_id: r.text for r in records}
+    copies: dict[str, list[str]] = {}
+    for d in dead:
+        copies.setdefault(d.sample_id, []).append(d.reason)
+    rejected = [{"sample_id": sid, "reason": reasons[0], "copies": len(reasons), "text": text_of[sid][:200]}
+                for sid, reasons in copies.items()]
     return rows, merged, rejected
 
 
@@ -266,14 +267,22 @@ def _ce_loss(train: Encoded) -> Callable:
 
 
 def _capture_step(run: _Run, step: str, model_step: str, inputs: Path) -> dict:
-    from trainer.classify.cascade_capture import capture_classifier  # noqa: PLC0415
+    """The model's class distribution for every line of ``inputs`` -> a sequence-level store,
+    through ``kd cache`` (the one capture path; teacher kind ``classifier-bundle``)."""
+    from pipelines.capture import run as capture_run  # noqa: PLC0415 - the cascade runs a capture on purpose
 
     cfg = run.cfg
     out = run.reset(step)
-    totals = capture_classifier(
-        model_dir=str(run.path(model_step)), inputs=str(inputs), output=str(out), k=cfg.capture_k, bits=cfg.capture_bits,
-        batch_size=cfg.capture_batch_size, device=_device(cfg), overwrite=True, beam_args=cfg.capture_beam_args.split(),
-    )
+    argv = [
+        "--teacher", str(run.path(model_step)), "--teacher-kind", "classifier-bundle", "--input", str(inputs),
+        "--output", str(out), "--label-field", "label", "--sample-id-field", "sample_id",
+        "--quant-bits", str(cfg.capture_bits), "--max-length", str(cfg.max_len),
+        "--batch-tokens", str(cfg.capture_batch_size * cfg.max_len), "--device", _device(cfg),
+        "--no-store-text", "--overwrite", "--no-progress",
+        *(["--k", str(cfg.capture_k)] if cfg.capture_k > 0 else []),  # default: every class
+        *cfg.capture_beam_args.split(),
+    ]
+    totals = capture_run(argv, save_main_session=False)["totals"]
     return {"store": str(out), **totals}
 
 
