@@ -135,6 +135,8 @@ class TeacherRunner:
             lengths = np.array([len(x) for x in ids], dtype=np.int64)
             if self._seq_can_batch:
                 buckets = np.array([bucket_length(int(n), self.batch.pad_multiple) for n in lengths])
+                if self.model.max_positions:  # never pad past the model's positions (windows fit by construction)
+                    buckets = np.maximum(np.minimum(buckets, self.model.max_positions), lengths)
             else:  # a classifier without pad_token_id reads the last position: never pad
                 buckets = lengths.copy()
             # Deterministic grouping: by bucket, then by input order within the bucket.

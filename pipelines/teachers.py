@@ -396,12 +396,15 @@ class TeacherModel:
     ``logits(input_ids [B, T] long, attention_mask [B, T] long)`` -> ``[B, T, V]`` (token
     level) or ``[B, C]`` (sequence level). ``pad_id``: the id a sequence classifier can be
     padded with (None: it cannot batch, e.g. an HF classifier without ``pad_token_id``).
+    ``max_positions``: the longest input the model accepts (absolute position embeddings),
+    which bounds the padded length of a batch; None when unbounded or unknown.
     """
 
-    def __init__(self, *, module: Any, forward: Any, pad_id: int | None) -> None:
+    def __init__(self, *, module: Any, forward: Any, pad_id: int | None, max_positions: int | None = None) -> None:
         self.module = module
         self._forward = forward
         self.pad_id = pad_id
+        self.max_positions = max_positions
 
     @property
     def device(self):
@@ -414,7 +417,9 @@ class TeacherModel:
     def of_hf(cls, model: Any) -> "TeacherModel":
         """Wrap a loaded Hugging Face model (causal LM or sequence classifier)."""
         pad = getattr(model.config, "pad_token_id", None)
-        return cls(module=model, forward=_hf_logits, pad_id=None if pad is None else int(pad))
+        limit = getattr(model.config, "max_position_embeddings", None)
+        return cls(module=model, forward=_hf_logits, pad_id=None if pad is None else int(pad),
+                   max_positions=int(limit) if limit else None)
 
 
 def _hf_logits(module, input_ids, attention_mask):
@@ -476,7 +481,8 @@ class TeacherSpec:
             if self.dtype != "auto":  # bundles are trained in fp32; cast only on request
                 module = module.to(self.resolved_dtype())
             # The bundle's classifiers ignore padding (trainer tests), so they batch with its pad id.
-            return TeacherModel(module=module.eval(), forward=_bundle_logits, pad_id=clf.vocab.pad_id)
+            return TeacherModel(module=module.eval(), forward=_bundle_logits, pad_id=clf.vocab.pad_id,
+                                max_positions=clf.config.max_len)
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: PLC0415
 
         cls = AutoModelForSequenceClassification if self.level == "sequence" else AutoModelForCausalLM

@@ -261,12 +261,14 @@ def load_classification_data(
 
 
 def take(examples: list[Example], n: int) -> list[Example]:
-    """A deterministic subset of ``n`` examples (0 = all): the first ``n`` in sample-id order,
+    """A deterministic subset of ``n`` examples (0 = all): the first ``n`` in content-hash order,
     which mixes classes even when the source lists them class by class, and does not depend on
     the training seed (so seeds vary initialisation and order, not the data)."""
     if n <= 0 or n >= len(examples):
         return list(examples)
-    return sorted(examples, key=lambda ex: ex.sample_id)[:n]
+    # Ordered by the content hash of the splits (xxh3_64 of the text, as trainer.data.corpora
+    # buckets it), not by the sample id: the subsets stay the ones earlier runs and benchmarks used.
+    return sorted(examples, key=lambda ex: xxhash.xxh3_64_intdigest(ex.text.encode("utf-8")))[:n]
 
 
 
