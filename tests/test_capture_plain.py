@@ -17,6 +17,7 @@ from pipelines import capture
 from pipelines.options import parse_args
 from pipelines.plain import cache_with_model, capture_plain
 from pipelines.teachers import TeacherError, open_teacher
+from test_capture import _one_torch_thread  # noqa: F401 - autouse: one torch thread in this module
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -24,14 +25,6 @@ TEXTS = [
     "the lazy fox and the quick dog are friends",
     "over the hills and far away the fox runs",
 ] * 3 + ["the quick brown fox jumps over the lazy dog"]  # a duplicate
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ Stages (``--stage a|b|c|all``) and what each leaves in the run directory::
     data.step.json  data/{train,validation,test}.jsonl  data/vocab.json  data/rejected.jsonl
     a/model/        model A (default: transformer encoder) trained on (x, y)
     a/store/        A's class distribution for every training sample: a sequence-level store
-                    written by the one capture path (``kd cache``, pipelines/capture.py,
-                    teacher kind ``classifier-bundle``)
+                    written by ``kd cache`` (pipelines/, teacher kind ``classifier-bundle``)
     a/split/        split.parquet (sample_id, label, pred, score, target) + substandard.jsonl
                     + scores.png: score = A's probability of the gold label ("gold_prob") or
                     1[argmax == gold] ("hit"); score >= threshold -> target, else substandard
@@ -31,6 +30,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -140,20 +140,15 @@ class CascadeData:
 
 def dedupe_by_id(examples: Sequence[Any]) -> tuple[list[dict], int, list[dict]]:
     """Collapse examples with the same content id by the one dedupe rule
-    (:func:`kdstore.textio.resolve_duplicates`): identical copies merge into one; a text
-    labelled differently by its copies is rejected (every copy), since one sample id can carry
-    one gold label only. Returns (unique rows, merged copies, rejected records)."""
-    records = [Record(text=ex.text, sample_id=content_id(ex.text), source=f"train:{i + 1}", label=int(ex.label))
-               for i, ex in enumerate(examples)]
-    kept, dead, merged = dedupe(records)
-    rows = [{"sample_id": r.sample_id, "text": r.text, "label": r.label} for r in kept]
-    text_of = {r.sample_id: r.text for r in records}
-    copies: dict[str, list[str]] = {}
-    for d in dead:
-        copies.setdefault(d.sample_id, []).append(d.reason)
-    rejected = [{"sample_id": sid, "reason": reasons[0], "copies": len(reasons), "text": text_of[sid][:200]}
-                for sid, reasons in copies.items()]
-    return rows, merged, rejected
+    (:func:`kdstore.textio.resolve_duplicates`: identical copies merge; every copy of a text with
+    conflicting labels is rejected). Returns (unique rows, merged copies, rejected records)."""
+    recs = [Record(text=e.text, sample_id=content_id(e.text), source=f"train:{i + 1}", label=int(e.label)) for i, e in enumerate(examples)]
+    kept, dead, merged = dedupe(recs)
+    first = {d.sample_id: d for d in reversed(dead)}  # one rejected record per sample id, with its copy count
+    copies = Counter(d.sample_id for d in dead)
+    rejected = [{"sample_id": sid, "reason": d.reason, "copies": copies[sid], "text": next(r.text for r in recs if r.sample_id == sid)[:200]}
+                for sid, d in first.items()]
+    return [{"sample_id": r.sample_id, "text": r.text, "label": r.label} for r in kept], merged, rejected
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -267,23 +262,17 @@ def _ce_loss(train: Encoded) -> Callable:
 
 
 def _capture_step(run: _Run, step: str, model_step: str, inputs: Path) -> dict:
-    """The model's class distribution for every line of ``inputs`` -> a sequence-level store,
-    through ``kd cache`` (the one capture path; teacher kind ``classifier-bundle``)."""
+    """The model's class distribution for every line of ``inputs``: a sequence-level store
+    written by ``kd cache`` (the one capture path; teacher kind ``classifier-bundle``)."""
     from pipelines.capture import run as capture_run  # noqa: PLC0415 - the cascade runs a capture on purpose
 
-    cfg = run.cfg
-    out = run.reset(step)
-    argv = [
-        "--teacher", str(run.path(model_step)), "--teacher-kind", "classifier-bundle", "--input", str(inputs),
-        "--output", str(out), "--label-field", "label", "--sample-id-field", "sample_id",
-        "--quant-bits", str(cfg.capture_bits), "--max-length", str(cfg.max_len),
-        "--batch-tokens", str(cfg.capture_batch_size * cfg.max_len), "--device", _device(cfg),
-        "--no-store-text", "--overwrite", "--no-progress",
-        *(["--k", str(cfg.capture_k)] if cfg.capture_k > 0 else []),  # default: every class
-        *cfg.capture_beam_args.split(),
-    ]
-    totals = capture_run(argv, save_main_session=False)["totals"]
-    return {"store": str(out), **totals}
+    cfg, out = run.cfg, run.reset(step)
+    argv = ["--teacher", str(run.path(model_step)), "--teacher-kind", "classifier-bundle", "--input", str(inputs),
+            "--output", str(out), "--label-field", "label", "--sample-id-field", "sample_id", "--quant-bits", str(cfg.capture_bits),
+            "--max-length", str(cfg.max_len), "--batch-tokens", str(cfg.capture_batch_size * cfg.max_len), "--device", _device(cfg),
+            "--no-store-text", "--overwrite", "--no-progress", *(["--k", str(cfg.capture_k)] if cfg.capture_k > 0 else []),
+            *cfg.capture_beam_args.split()]  # --k absent: every class
+    return {"store": str(out), **capture_run(argv, save_main_session=False)["totals"]}
 
 
 # -- stages ---------------------------------------------------------------------------------------
