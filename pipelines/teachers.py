@@ -258,7 +258,8 @@ class EncoderSpec:
     """How a worker turns texts into teacher ids (picklable; loaded in ``setup``).
 
     kind: ``tokenizers`` (``source`` = a ``tokenizers.Tokenizer`` JSON, no transformers
-    import on workers) or ``classifier-bundle`` (``source`` = the bundle directory).
+    import on workers) or ``classifier-bundle`` (``source`` = the bundle's ``--teacher``
+    path or URI, resolved on the worker).
     """
 
     kind: str
@@ -289,8 +290,8 @@ class _BundleEncoder:
     """The bundle's own segmentation + vocabulary, truncated to its ``max_len``
     (``TextClassifier.encode_rows``, the code the bundle was trained with)."""
 
-    def __init__(self, model_dir: str) -> None:
-        self._clf = _bundle_classifier(model_dir)
+    def __init__(self, path: str) -> None:
+        self._clf = _bundle_classifier(local_model_dir(path))  # a URI is copied once per worker
 
     def encode(self, texts: list[str], *, offsets: bool):
         ids = []
@@ -386,7 +387,7 @@ def _open_bundle(path: str, model_dir: Path) -> Teacher:
     )
     pipeline = {"label_names": names, "segmentation": extra.get("segmentation"), "max_len": extra.get("max_len")}
     return Teacher(kind="classifier-bundle", level="sequence", model_dir=model_dir, info=info, vocab=_label_table(names),
-                   encoder=EncoderSpec(kind="classifier-bundle", source=str(model_dir)), pad_id=int(cfg.get("pad_id", 0)),
+                   encoder=EncoderSpec(kind="classifier-bundle", source=path), pad_id=int(cfg.get("pad_id", 0)),
                    pipeline=pipeline)
 
 
