@@ -58,7 +58,7 @@ def capture(teacher_dir: Path, out: Path, *, docs: int, samples: int, samples_sm
     from transformers import AutoTokenizer
 
     import kdstore
-    from trainer.lm.cache_local import cache_with_model, store_bytes_per_token
+    from pipelines.plain import cache_with_model, store_bytes_per_token
     from trainer.lm.models import load_causal_lm
     from trainer.lm.textdata import load_texts
 
@@ -286,7 +286,7 @@ Teacher: `{teacher['recipe']['model']}` ({teacher['parameters']:,} parameters, h
 {teacher['parameters'] / student_params:.1f}x). Every arm: {args.steps} steps, batch {args.batch_size} rows, lr
 {args.lr} (embeddings x{args.lr_embed_mult:g}), seed 0, precision {args.precision}, kd_weight {args.kd_weight} (CE-only: 0), forward KL with tail
 bucket at T=1, torch threads {torch.get_num_threads()}. Data: the first {args.docs} People's Daily train documents
-(windows of up to {args.max_length} tokens), captured once with `trainer.lm.cache_local.cache_with_model` (one
+(windows of up to {args.max_length} tokens), captured once with `pipelines.plain.cache_with_model` (one
 teacher pass feeding all five selections; `kd cache` runs one Beam job per selection). Held-out: the validation
 split ({results[arms[0]]['eval_tokens']:,} target tokens), CE against the true next token and full-vocabulary
 KL(teacher ‖ student). Step time: median wall time of a training step (data, forward, loss, backward, optimizer);

@@ -23,7 +23,7 @@ import json
 import os
 import posixpath
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 import pyarrow.fs as pafs
 
@@ -80,12 +80,18 @@ class ReaderSpec:
     format: ``auto`` (by extension: ``.jsonl/.json/.ndjson`` JSONL, ``.parquet/.pq``
     Parquet, anything else plain text, one sample per line), or one of text/jsonl/parquet.
     text_field / id_field / label_field: JSON keys or Parquet columns (ignored for text).
+    num_classes: when set, a label outside ``[0, num_classes)`` is a dead letter.
+    sample_id_field: a key/column that may carry the record's sample id as an earlier step
+    wrote it; a record whose id differs from the content hash is a dead letter (so a label
+    never travels with the wrong text).
     """
 
     format: str = "auto"
     text_field: str = "text"
     id_field: str | None = None
     label_field: str | None = None
+    num_classes: int | None = None
+    sample_id_field: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -189,21 +195,25 @@ def parse_text_line(raw: bytes, source: str) -> Parsed:
     return Record(text=text, sample_id=_sample_id(text), source=source)
 
 
-def _label(value: Any, field: str, source: str, sid: str) -> int | None | DeadLetter:
+def _label(value: Any, field: str, source: str, sid: str, num_classes: int | None = None) -> int | None | DeadLetter:
     if value is None:
         return None
     if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return DeadLetter(reason=f"label field {field!r} is not an integer class id: {value!r}", source=source, sample_id=sid)
+        out = int(value)
+    elif isinstance(value, int):
+        out = value
+    elif isinstance(value, float) and value.is_integer():
+        out = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        out = int(value)
+    else:
+        return DeadLetter(reason=f"label field {field!r} is not an integer class id: {value!r}", source=source, sample_id=sid)
+    if num_classes is not None and not 0 <= out < num_classes:
+        return DeadLetter(reason=f"bad label: {value!r} is not a class id in [0, {num_classes})", source=source, sample_id=sid)
+    return out
 
 
-def _record(text: Any, source_id: Any, label: Any, spec: ReaderSpec, source: str) -> Parsed:
+def _record(text: Any, source_id: Any, label: Any, spec: ReaderSpec, source: str, given_id: Any = None) -> Parsed:
     if text is None:
         return DeadLetter(reason=f"field {spec.text_field!r} is missing or null", source=source)
     if not isinstance(text, str):
@@ -214,7 +224,10 @@ def _record(text: Any, source_id: Any, label: Any, spec: ReaderSpec, source: str
     if spec.id_field and sid_src is None:
         return DeadLetter(reason=f"missing id field {spec.id_field!r}", source=source)
     sid = _sample_id(text, sid_src)
-    lab = _label(label, spec.label_field or "", source, sid) if spec.label_field else None
+    if given_id is not None and given_id != sid:
+        return DeadLetter(reason=f"sample id mismatch: {given_id!r} is not the content hash {sid} of the text", source=source,
+                          sample_id=sid)
+    lab = _label(label, spec.label_field or "", source, sid, spec.num_classes) if spec.label_field else None
     if isinstance(lab, DeadLetter):
         return lab
     return Record(text=text, sample_id=sid, source=source, source_id=sid_src, label=lab)
@@ -238,6 +251,7 @@ def parse_json_line(raw: bytes, source: str, spec: ReaderSpec) -> Parsed:
     return _record(
         obj[spec.text_field], obj.get(spec.id_field) if spec.id_field else None,
         obj.get(spec.label_field) if spec.label_field else None, spec, source,
+        obj.get(spec.sample_id_field) if spec.sample_id_field else None,
     )
 
 
@@ -251,7 +265,7 @@ def iter_parquet(path: str, spec: ReaderSpec, *, batch_rows: int = 8192) -> Iter
     except (OSError, ValueError) as exc:
         raise CorpusError(f"{path}: cannot read Parquet file ({exc})") from exc
     names = pf.schema_arrow.names
-    wanted = [c for c in (spec.text_field, spec.id_field, spec.label_field) if c]
+    wanted = [c for c in (spec.text_field, spec.id_field, spec.label_field, spec.sample_id_field) if c]
     missing = [c for c in wanted if c not in names]
     if spec.text_field in missing or (spec.id_field and spec.id_field in missing):
         raise CorpusError(f"{path}: no column(s) {missing} (columns: {names}); pass --text-field/--id-field naming existing columns")
@@ -265,6 +279,7 @@ def iter_parquet(path: str, spec: ReaderSpec, *, batch_rows: int = 8192) -> Iter
             yield _record(
                 data[spec.text_field][i], data[spec.id_field][i] if spec.id_field else None,
                 data[spec.label_field][i] if spec.label_field in data else None, spec, source,
+                data[spec.sample_id_field][i] if spec.sample_id_field in data else None,
             )
 
 
@@ -293,3 +308,45 @@ def read_records(patterns: str | Sequence[str], spec: ReaderSpec | None = None) 
     for item in iter_records(patterns, spec):
         (good if isinstance(item, Record) else bad).append(item)
     return good, bad
+
+
+# -- duplicates ------------------------------------------------------------------------------------
+def _source_order(r: Record) -> tuple:
+    """``path:N`` sources in file order (N numerically), for a deterministic first copy."""
+    path, _, n = r.source.rpartition(":")
+    return (path, int(n) if n.isdigit() else 0, r.source)
+
+
+def resolve_duplicates(group: Sequence[Record]) -> tuple[Record | None, list[DeadLetter]]:
+    """The records of one sample id -> ``(record to keep or None, dead letters)``.
+
+    Copies with the same label are one sample: the first by source location is kept and
+    the other ``len(group) - 1`` are merged duplicates. Copies with different labels are
+    all dead letters (stage ``dedupe``): one sample id carries one gold label, and picking
+    one would lose a label silently. The one dedupe rule of the Beam capture, the plain
+    loop and the trainers (:func:`dedupe`).
+    """
+    group = sorted(group, key=_source_order)
+    labels = sorted({r.label for r in group}, key=str)
+    if len(labels) > 1:
+        reason = f"conflicting labels: the same text is labelled {labels} by {len(group)} copies"
+        return None, [DeadLetter(reason=reason, source=r.source, sample_id=r.sample_id, stage="dedupe") for r in group]
+    return group[0], []
+
+
+def dedupe(records: Iterable[Record]) -> tuple[list[Record], list[DeadLetter], int]:
+    """``(unique records in first-occurrence order, dead letters, merged duplicates)`` by
+    :func:`resolve_duplicates`; ``len(records) == unique + dead + merged``."""
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        groups.setdefault(r.sample_id, []).append(r)
+    kept: list[Record] = []
+    dead: list[DeadLetter] = []
+    merged = 0
+    for group in groups.values():
+        first, bad = resolve_duplicates(group)
+        dead.extend(bad)
+        if first is not None:
+            kept.append(first)
+            merged += len(group) - 1
+    return kept, dead, merged

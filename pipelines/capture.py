@@ -10,8 +10,9 @@ process for a CPU teacher (torch's threads already use every core for the forwar
 with one SDK process per core sharing one teacher (``large_model``) for a GPU teacher; see
 :func:`pipeline_options`.
 
-Steps (see :mod:`pipelines.transforms`): the driver expands the input globs, loads the
-teacher's config and tokenizer, builds the manifest template, writes ``vocab.parquet`` and
+Steps (see :mod:`pipelines.transforms`): the driver expands the input globs, opens the
+teacher (any kind of :mod:`pipelines.teachers`: HF causal LM, HF sequence classifier, the
+project's classifier bundle), builds the manifest template, writes ``vocab.parquet`` and
 (on ``--resume``) scans the finished shards; the pipeline reads, de-duplicates, tokenizes
 and windows, runs the teacher (``RunInference``), writes shards and dead letters, and one
 final step writes the manifest.
@@ -30,15 +31,13 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
 
 from kdstore import format as F
-from kdstore.textio import CorpusError, expand_inputs
+from kdstore.textio import CorpusError, ReaderSpec, expand_inputs
 from kdstore.errors import StoreFormatError
 from kdstore.writer import new_manifest
 from pipelines import sinks
 from pipelines.model_handler import SoftLabelModelHandler
 from pipelines.options import CaptureConfig, parse_args
-from pipelines.teacher import (
-    TeacherError, detect_level, label_vocabulary, load_config, load_tokenizer, local_model_dir, teacher_info, vocabulary,
-)
+from pipelines.teachers import Teacher, TeacherError, TeacherSpec, open_teacher
 from pipelines.transforms import (
     DEAD, Dedupe, FinalizeStore, ReadCorpus, TeacherInference, Tokenize, WriteDeadLetters, WriteShards, metrics_summary,
 )
@@ -53,40 +52,40 @@ class Plan:
 
     config: CaptureConfig
     files: list[str]
-    level: str
+    teacher: Teacher
     manifest: F.Manifest
     vocab_entry: dict
     resume: sinks.ResumeState
-    pad_id: int
-    vocab: Any = None
-    tokenizer_json: str = ""
+    reader: ReaderSpec
+
+    @property
+    def level(self) -> str:
+        return self.teacher.level
+
+    def teacher_spec(self) -> TeacherSpec:
+        return self.config.teacher_spec(self.level, self.teacher.kind)
 
 
 def plan_capture(cfg: CaptureConfig, *, runner: str = "", local_mode: str | None = None) -> Plan:
-    """Resolve inputs, teacher identity and the manifest template; prepare the output."""
+    """Resolve inputs, the teacher (:func:`pipelines.teachers.open_teacher`) and the
+    manifest template; prepare the output."""
     files = expand_inputs(cfg.input)
-    model_dir = local_model_dir(cfg.teacher)
-    hf_cfg = load_config(str(model_dir), cfg.trust_remote_code)
-    level = detect_level(hf_cfg) if cfg.level == "auto" else cfg.level
-    if level == "sequence" and detect_level(hf_cfg) != "sequence":
-        raise TeacherError(f"{cfg.teacher}: --level sequence needs a sequence classifier (architectures {hf_cfg.architectures})")
-    tok = load_tokenizer(str(model_dir), cfg.trust_remote_code)
-    info = teacher_info(model_dir, name_or_path=cfg.teacher, level=level, trust_remote_code=cfg.trust_remote_code)
+    teacher = open_teacher(cfg.teacher, kind=cfg.teacher_kind, level=cfg.level, trust_remote_code=cfg.trust_remote_code)
+    level, info = teacher.level, teacher.info
     selection = cfg.selection(level=level, num_classes=info.vocab_size if level == "sequence" else None)
     wspec = cfg.window_spec(level)
     columns = {
         "text": cfg.store_text, "offsets": cfg.store_text and level == "token", "label": cfg.label_field is not None,
     }
-    pipeline_opts = cfg.to_manifest() | {"level": level, "overflow": wspec.overflow, "runner": runner or LOCAL_RUNNER,
-                                         "local_mode": local_mode, "input_files": len(files)}
+    pipeline_opts = cfg.to_manifest() | {"level": level, "teacher_kind": teacher.kind, "overflow": wspec.overflow,
+                                         "runner": runner or LOCAL_RUNNER, "local_mode": local_mode,
+                                         "input_files": len(files), **teacher.pipeline}
     manifest = new_manifest(teacher=info, selection=selection, bits=cfg.quant_bits, level=level, columns=columns,
                             pipeline=pipeline_opts, scheme=cfg.prob_code)
-    # Token level: the teacher tokenizer's vocabulary; sequence level: the class labels.
-    vocab = vocabulary(tok) if level == "token" else label_vocabulary(hf_cfg)
-    loc, resume, vocab_entry = sinks.prepare_output(cfg.output, manifest, vocab, resume=cfg.resume, overwrite=cfg.overwrite)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return Plan(config=cfg, files=files, level=level, manifest=manifest, vocab_entry=vocab_entry, resume=resume, pad_id=int(pad_id),
-                vocab=vocab, tokenizer_json=tok.backend_tokenizer.to_str())
+    loc, resume, vocab_entry = sinks.prepare_output(cfg.output, manifest, teacher.vocab, resume=cfg.resume, overwrite=cfg.overwrite)
+    reader = cfg.reader_spec(num_classes=info.vocab_size if level == "sequence" else None)
+    return Plan(config=cfg, files=files, teacher=teacher, manifest=manifest, vocab_entry=vocab_entry, resume=resume,
+                reader=reader)
 
 
 def build_pipeline(p: beam.Pipeline, plan: Plan) -> Any:
@@ -94,27 +93,27 @@ def build_pipeline(p: beam.Pipeline, plan: Plan) -> Any:
     cfg = plan.config
     manifest_json = plan.manifest.to_json()
     files = p | "ListInputs" >> beam.Create(plan.files)
-    read = files | "ReadCorpus" >> ReadCorpus(cfg.reader_spec())
+    read = files | "ReadCorpus" >> ReadCorpus(plan.reader)
     unique = read.records | "Dedupe" >> Dedupe(cfg.dedupe)
-    tok = unique | "Tokenize" >> Tokenize(
-        tokenizer_json=plan.tokenizer_json, spec=cfg.window_spec(plan.level), store_uri=cfg.output,
+    tok = unique.records | "Tokenize" >> Tokenize(
+        encoder=plan.teacher.encoder, spec=cfg.window_spec(plan.level), store_uri=cfg.output,
         resume_shards=[s.file for s in plan.resume.shards],
     )
     handler = SoftLabelModelHandler(
-        teacher=cfg.teacher_spec(plan.level), selection=plan.manifest.selection, batch=cfg.batch_spec(),
-        batch_tokens=cfg.batch_tokens, pad_id=plan.pad_id, large_model=bool(cfg.large_model), model_copies=cfg.model_copies,
-        progress=cfg.progress,
+        teacher=plan.teacher_spec(), selection=plan.manifest.selection, batch=cfg.batch_spec(),
+        batch_tokens=cfg.batch_tokens, pad_id=plan.teacher.pad_id, large_model=bool(cfg.large_model),
+        model_copies=cfg.model_copies, progress=cfg.progress,
     )
     results = tok.windows | "TeacherInference" >> TeacherInference(handler)
     written = results | "WriteShards" >> WriteShards(
         store_uri=cfg.output, manifest_json=manifest_json, row_group_rows=cfg.row_group_rows, shard_bytes=cfg.shard_bytes,
     )
-    dead = (read[DEAD], tok[DEAD], written[DEAD]) | "AllDeadLetters" >> beam.Flatten()
+    dead = (read[DEAD], unique[DEAD], tok[DEAD], written[DEAD]) | "AllDeadLetters" >> beam.Flatten()
     error_files = dead | "WriteDeadLetters" >> WriteDeadLetters(cfg.output)
     return p | "FinalizeStore" >> FinalizeStore(
-        shards=written.shards, errors=error_files, records=read.records, read_dead=read[DEAD], unique=unique,
-        store_uri=cfg.output, manifest_json=manifest_json, vocab_entry=plan.vocab_entry, resume=plan.resume.to_json(),
-        max_error_rate=cfg.max_error_rate,
+        shards=written.shards, errors=error_files, records=read.records, read_dead=read[DEAD], unique=unique.records,
+        dedupe_dead=unique[DEAD], store_uri=cfg.output, manifest_json=manifest_json, vocab_entry=plan.vocab_entry,
+        resume=plan.resume.to_json(), max_error_rate=cfg.max_error_rate,
     )
 
 
@@ -166,7 +165,7 @@ def run(argv: list[str] | None = None, save_main_session: bool = True, test_pipe
         build_pipeline(test_pipeline, plan)
         result = test_pipeline.run()
     else:
-        device = cfg.teacher_spec("token").resolved_device()
+        device = cfg.teacher_spec("token").resolved_device()  # the device rule does not depend on the kind
         opts, runner, local_mode = pipeline_options(beam_args, save_main_session=save_main_session, device=device)
         if cfg.large_model is None:
             # One model per machine shared by its SDK processes, except in-process where

@@ -24,7 +24,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from kdstore.format import Selection
-from pipelines.teacher import TeacherSpec
+from pipelines.teachers import TeacherModel, TeacherSpec
 
 _LOG = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ class TeacherRunner:
 
     One instance per model copy. ``infer`` is serialised by a lock: with ``large_model``
     all SDK processes call into one copy, and one forward at a time using all cores (CPU)
-    or the whole device (GPU) is faster than interleaved ones.
+    or the whole device (GPU) is faster than interleaved ones. ``model``: an already
+    loaded :class:`~pipelines.teachers.TeacherModel` (the plain loop's in-memory teacher)
+    instead of loading ``teacher``.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class TeacherRunner:
         batch: BatchSpec | None = None,
         pad_id: int = 0,
         progress: bool = False,
+        model: TeacherModel | None = None,
     ) -> None:
         import torch  # noqa: PLC0415
 
@@ -98,19 +101,20 @@ class TeacherRunner:
         self.selection = selection
         self.batch = batch or BatchSpec()
         self.pad_id = int(pad_id)
-        self.model = teacher.load_model()
-        self.device = next(self.model.parameters()).device
+        self.model = model if model is not None else teacher.load_model()
+        self.device = self.model.device
         self.level = teacher.level
         self._lock = threading.Lock()
         self._torch = torch
-        cfg = self.model.config
-        # Sequence classifiers find the last real token via pad_token_id; without one they
+        # Sequence classifiers find the last real token via their pad id; without one they
         # cannot batch, so such models run one sample per forward.
-        self._seq_can_batch = self.level != "sequence" or getattr(cfg, "pad_token_id", None) is not None
+        self._seq_can_batch = self.level != "sequence" or self.model.pad_id is not None
         if self.level == "sequence" and self._seq_can_batch:
-            self.pad_id = int(cfg.pad_token_id)
+            self.pad_id = int(self.model.pad_id)
         self.tokens_done = 0
         self.seconds = 0.0
+        self.forward_seconds = 0.0
+        self.select_seconds: list[float] = []
         self._progress = progress
         self._bar = None
 
@@ -118,12 +122,21 @@ class TeacherRunner:
     def infer(self, ids: Sequence[np.ndarray], keys: Sequence[int]) -> list[Output]:
         """Sparse outputs for windows ``ids[i]`` (int token ids ``[T_i]``); ``keys[i]`` seeds
         sample-mode draws. Failures are returned as reason strings, not raised."""
+        return self.infer_many(ids, keys, [self.selection])[0]
+
+    def infer_many(self, ids: Sequence[np.ndarray], keys: Sequence[int], selections: Sequence[Selection]) -> list[list[Output]]:
+        """:meth:`infer` for several selections from one forward pass: ``out[s][i]`` is
+        window ``i`` under ``selections[s]`` (one teacher pass, several stores)."""
         with self._lock:
             t0 = time.perf_counter()
-            out: list[Output | None] = [None] * len(ids)
+            if len(self.select_seconds) < len(selections):
+                self.select_seconds += [0.0] * (len(selections) - len(self.select_seconds))
+            out: list[list[Output | None]] = [[None] * len(ids) for _ in selections]
             lengths = np.array([len(x) for x in ids], dtype=np.int64)
             if self._seq_can_batch:
                 buckets = np.array([bucket_length(int(n), self.batch.pad_multiple) for n in lengths])
+                if self.model.max_positions:  # never pad past the model's positions (windows fit by construction)
+                    buckets = np.maximum(np.minimum(buckets, self.model.max_positions), lengths)
             else:  # a classifier without pad_token_id reads the last position: never pad
                 buckets = lengths.copy()
             # Deterministic grouping: by bucket, then by input order within the bucket.
@@ -132,7 +145,7 @@ class TeacherRunner:
                 per = max(1, self.batch.micro_batch_tokens // int(b)) if self._seq_can_batch else 1
                 for j in range(0, len(members), per):
                     group = members[j : j + per].tolist()
-                    self._run_group(group, ids, keys, int(b), out)
+                    self._run_group(group, ids, keys, int(b), out, selections)
             n_tok = int(lengths.sum())
             self.tokens_done += n_tok
             self.seconds += time.perf_counter() - t0
@@ -149,24 +162,25 @@ class TeacherRunner:
         return {"tokens": self.tokens_done, "seconds": self.seconds}
 
     # -- private --------------------------------------------------------------------------
-    def _run_group(self, group: list[int], ids, keys, padded: int, out: list) -> None:
+    def _run_group(self, group: list[int], ids, keys, padded: int, out: list, selections: Sequence[Selection]) -> None:
         try:
-            results = self._forward_select([ids[i] for i in group], [keys[i] for i in group], padded)
+            results = self._forward_select([ids[i] for i in group], [keys[i] for i in group], padded, selections)
         except Exception as exc:  # noqa: BLE001 - model errors become dead letters, per window
             if len(group) == 1:
-                out[group[0]] = f"model error: {type(exc).__name__}: {str(exc)[:300]}"
+                for per_sel in out:
+                    per_sel[group[0]] = f"model error: {type(exc).__name__}: {str(exc)[:300]}"
                 return
             _LOG.warning("teacher forward failed for a micro-batch of %d windows (%s); retrying one by one", len(group), exc)
             for i in group:
-                self._run_group([i], ids, keys, padded, out)
+                self._run_group([i], ids, keys, padded, out, selections)
             return
-        for i, r in zip(group, results):
-            out[i] = r
+        for per_sel, res in zip(out, results):
+            for i, r in zip(group, res):
+                per_sel[i] = r
 
-    def _forward_select(self, ids: list[np.ndarray], keys: list[int], padded: int) -> list[Output]:
+    def _forward_select(self, ids: list[np.ndarray], keys: list[int], padded: int,
+                        selections: Sequence[Selection]) -> list[list[Output]]:
         torch = self._torch
-        from pipelines.selection import sample_uniforms, select  # noqa: PLC0415
-
         n = len(ids)
         lens = [len(x) for x in ids]
         x = np.full((n, padded), self.pad_id, dtype=np.int64)
@@ -174,11 +188,11 @@ class TeacherRunner:
         for r, a in enumerate(ids):
             x[r, : len(a)] = a
             mask[r, : len(a)] = 1
-        sel = self.selection
         with torch.inference_mode():
+            t0 = time.perf_counter()
             xt = torch.from_numpy(x).to(self.device)
             mt = torch.from_numpy(mask).to(self.device)
-            logits = self.model(input_ids=xt, attention_mask=mt).logits
+            logits = self.model.logits(xt, mt)
             if self.level == "sequence":
                 rows = logits  # [n, C]
                 positions = [1] * n
@@ -186,19 +200,32 @@ class TeacherRunner:
                 rows = logits[mt.bool()]  # [sum(lens), V], window by window, position order
                 positions = lens
             finite = torch.isfinite(rows).all(dim=-1).cpu().numpy()
-            uniforms = None
-            if sel.mode == "sample":
-                uniforms = torch.from_numpy(sample_uniforms(list(keys), positions, sel.samples, sel.seed or 0))
-            parts = []
-            step = self.batch.select_rows
-            for r0 in range(0, rows.shape[0], step):
-                chunk = rows[r0 : r0 + step]
-                u = None if uniforms is None else uniforms[r0 : r0 + step].to(chunk.device)
-                sp = select(
-                    torch.nan_to_num(chunk.float(), nan=0.0, posinf=0.0, neginf=0.0), mode=sel.mode, k=sel.k, p=sel.p,
-                    max_k=sel.max_k, samples=sel.samples, temperature=sel.temperature, uniforms=u,
-                )
-                parts.append(sp.flat())
+            self.forward_seconds += time.perf_counter() - t0
+            out = []
+            for s, sel in enumerate(selections):
+                t0 = time.perf_counter()
+                out.append(self._select(rows, positions, keys, sel, finite))
+                self.select_seconds[s] += time.perf_counter() - t0
+        return out
+
+    def _select(self, rows, positions: list[int], keys: list[int], sel: Selection, finite: np.ndarray) -> list[Output]:
+        """Selection of ``rows [P, V]`` (all windows' positions in order) -> one output per window."""
+        torch = self._torch
+        from pipelines.selection import sample_uniforms, select  # noqa: PLC0415
+
+        uniforms = None
+        if sel.mode == "sample":
+            uniforms = torch.from_numpy(sample_uniforms(list(keys), positions, sel.samples, sel.seed or 0))
+        parts = []
+        step = self.batch.select_rows
+        for r0 in range(0, rows.shape[0], step):
+            chunk = rows[r0 : r0 + step]
+            u = None if uniforms is None else uniforms[r0 : r0 + step].to(chunk.device)
+            sp = select(
+                torch.nan_to_num(chunk.float(), nan=0.0, posinf=0.0, neginf=0.0), mode=sel.mode, k=sel.k, p=sel.p,
+                max_k=sel.max_k, samples=sel.samples, temperature=sel.temperature, uniforms=u,
+            )
+            parts.append(sp.flat())
         idx = np.concatenate([p[0] for p in parts]).astype(np.int32)
         probs = np.concatenate([p[1] for p in parts]).astype(np.float32)
         counts = np.concatenate([p[2] for p in parts]).astype(np.int32)
@@ -206,7 +233,7 @@ class TeacherRunner:
         pos_off = np.concatenate([[0], np.cumsum(positions)])
         ent_off = np.concatenate([[0], np.cumsum(counts)])
         results: list[Output] = []
-        for w in range(n):
+        for w in range(len(positions)):
             p0, p1 = pos_off[w], pos_off[w + 1]
             if not finite[p0:p1].all():
                 results.append(f"model error: non-finite logits at {int((~finite[p0:p1]).sum())} position(s)")

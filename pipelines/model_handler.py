@@ -21,7 +21,7 @@ from apache_beam.ml.inference.base import ModelHandler
 
 from kdstore.format import Selection
 from pipelines.inference import BatchSpec, Output, TeacherRunner
-from pipelines.teacher import TeacherSpec
+from pipelines.teachers import TeacherSpec
 from pipelines.windows import Window
 
 

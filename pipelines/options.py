@@ -13,7 +13,7 @@ from typing import Any
 from kdstore.textio import FORMATS, ReaderSpec
 from kdstore.format import Selection
 from pipelines.inference import BatchSpec
-from pipelines.teacher import TeacherSpec
+from pipelines.teachers import KINDS, TeacherSpec
 from pipelines.windows import OVERFLOW, WindowSpec
 
 
@@ -24,10 +24,12 @@ class CaptureConfig:
     teacher: str
     input: list[str]
     output: str
+    teacher_kind: str = "auto"
     input_format: str = "auto"
     text_field: str = "text"
     id_field: str | None = None
     label_field: str | None = None
+    sample_id_field: str | None = None
     level: str = "auto"
     select: str = "topk"
     k: int | None = None
@@ -61,9 +63,10 @@ class CaptureConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- derived --------------------------------------------------------------------------
-    def reader_spec(self) -> ReaderSpec:
+    def reader_spec(self, num_classes: int | None = None) -> ReaderSpec:
+        """``num_classes``: labels outside ``[0, num_classes)`` become dead letters (sequence level)."""
         return ReaderSpec(format=self.input_format, text_field=self.text_field, id_field=self.id_field,
-                          label_field=self.label_field)
+                          label_field=self.label_field, num_classes=num_classes, sample_id_field=self.sample_id_field)
 
     def selection(self, *, level: str, num_classes: int | None = None) -> Selection:
         k = self.k
@@ -88,8 +91,8 @@ class CaptureConfig:
     def batch_spec(self) -> BatchSpec:
         return BatchSpec(micro_batch_tokens=self.micro_batch_tokens, pad_multiple=self.pad_multiple)
 
-    def teacher_spec(self, level: str) -> TeacherSpec:
-        return TeacherSpec(path=self.teacher, level=level, device=self.device, dtype=self.dtype,
+    def teacher_spec(self, level: str, kind: str = "hf-causal-lm") -> TeacherSpec:
+        return TeacherSpec(path=self.teacher, level=level, kind=kind, device=self.device, dtype=self.dtype,
                            trust_remote_code=self.trust_remote_code, threads=self.threads)
 
     def validate(self) -> None:
@@ -120,13 +123,20 @@ def build_parser(prog: str = "kd cache") -> argparse.ArgumentParser:
         "--region R --temp_location gs://...). Without --runner it runs locally on all cores.",
     )
     g = ap.add_argument_group("input / output")
-    g.add_argument("--teacher", required=True, help="Hugging Face model directory (local path or gs://, s3:// URI)")
+    g.add_argument("--teacher", required=True,
+                   help="teacher directory (local path or gs://, s3:// URI): a Hugging Face model or a classifier bundle")
+    g.add_argument("--teacher-kind", default="auto", choices=("auto", *KINDS),
+                   help="auto (from the directory: classifier.json -> classifier-bundle, a *ForSequenceClassification "
+                   "config -> hf-sequence-classifier, else hf-causal-lm) or the kind, checked against the files")
     g.add_argument("--input", required=True, action="append", help="file, glob or URI; repeat or comma-separate for several")
     g.add_argument("--output", required=True, help="store directory (local path or URI)")
     g.add_argument("--input-format", default="auto", choices=FORMATS, help="default: by extension (.jsonl, .parquet, else text lines)")
     g.add_argument("--text-field", default="text", help="JSONL key / Parquet column with the text")
     g.add_argument("--id-field", default=None, help="optional source id key/column (part of the sample id)")
     g.add_argument("--label-field", default=None, help="optional integer gold label key/column (sequence level)")
+    g.add_argument("--sample-id-field", default=None,
+                   help="optional key/column with sample ids written by an earlier step: a record whose id is not the "
+                   "content hash of its text is a dead letter")
     g.add_argument("--resume", action="store_true", help="continue an existing (partial) store: skip stored windows")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store at --output")
     g = ap.add_argument_group("selection and quantization")

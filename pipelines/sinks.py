@@ -104,7 +104,7 @@ def prepare_output(uri: str, manifest: F.Manifest, vocab: pa.Table, *, resume: b
     state = ResumeState()
     if existing and not (resume or overwrite):
         raise OutputExistsError(
-            f"{uri}: already holds a store (or a partial one); pass --resume to continue it or --overwrite to replace it"
+            f"{uri}: a store (or a partial one) is already here; pass --resume to continue it or --overwrite to replace it"
         )
     if existing and overwrite:
         for rel in loc.list(F.SHARD_DIR) + loc.list(F.ERROR_DIR) + [F.MANIFEST, F.VOCAB, CAPTURE_SIDECAR]:

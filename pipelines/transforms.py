@@ -1,7 +1,7 @@
 """Composite PTransforms of the capture pipeline (stable labels; heavy state in ``setup``).
 
-    files ─ ReadCorpus ─┬─ records ─ Dedupe ─ Tokenize ─┬─ windows ─ TeacherInference ─ WriteShards ─┬─ shard infos ─┐
-                        └─ dead ────────────────────────┴─ dead ─────────────────────────────────────────┴─ WriteDeadLetters ─ FinalizeStore
+    files ─ ReadCorpus ─┬─ records ─ Dedupe ─┬─ Tokenize ─┬─ windows ─ TeacherInference ─ WriteShards ─┬─ shard infos ─┐
+                        └─ dead ─────────────┴─ dead ─────┴─ dead ─────────────────────────────────────────┴─ WriteDeadLetters ─ FinalizeStore
 
 Dead letters of every stage are flattened into one ``WriteDeadLetters``; ``FinalizeStore``
 waits (side inputs) for all shard infos, dead-letter files and counts, then writes the
@@ -23,13 +23,13 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 
 from kdstore import format as F
-from kdstore.textio import DeadLetter, ReaderSpec, Record, iter_file
+from kdstore.textio import DeadLetter, ReaderSpec, Record, iter_file, resolve_duplicates
 from kdstore.errors import StoreFormatError
 from kdstore.fs import resolve
 from pipelines import sinks
 from pipelines.model_handler import SoftLabelModelHandler
-from pipelines.teacher import byte_len_of_id, hash_of_id
-from pipelines.windows import WindowSpec, make_windows, tokenize_batch, tokenizer_from_json
+from pipelines.teachers import EncoderSpec, byte_len_of_id, hash_of_id
+from pipelines.windows import WindowSpec, make_windows
 
 _LOG = logging.getLogger(__name__)
 NS = "kdstore_capture"
@@ -70,18 +70,22 @@ class ReadCorpus(beam.PTransform):
 
 
 # -- dedupe ----------------------------------------------------------------------------------------
-def _first_of_group(kv: tuple[str, Any]) -> Iterator[Record]:
+def _first_of_group(kv: tuple[str, Any]) -> Iterator[Any]:
     _, group = kv
     group = list(group)
-    if len(group) > 1:
-        _counter("duplicates").inc(len(group) - 1)
-    # Deterministic choice among identical-content records: the first source location.
-    yield min(group, key=lambda r: r.source)
+    kept, dead = resolve_duplicates(group)  # the one dedupe rule (kdstore.textio)
+    for d in dead:
+        yield beam.pvalue.TaggedOutput(DEAD, d.to_dict())
+    if kept is not None:
+        if len(group) > 1:
+            _counter("duplicates").inc(len(group) - 1)
+        yield kept
 
 
 class Dedupe(beam.PTransform):
-    """Keep one record per sample id (exact duplicates share an id). The shuffle also
-    spreads records evenly over workers; without dedupe a Reshuffle does that."""
+    """Keep one record per sample id (:func:`kdstore.textio.resolve_duplicates`: exact
+    copies merge, copies with conflicting labels become dead letters, tag ``dead``). The
+    shuffle also spreads records evenly over workers; without dedupe a Reshuffle does that."""
 
     def __init__(self, enabled: bool = True) -> None:
         super().__init__()
@@ -89,12 +93,14 @@ class Dedupe(beam.PTransform):
 
     def expand(self, records):
         if not self._enabled:
-            return records | "Spread" >> beam.Reshuffle()
+            # Same outputs as with dedupe (an empty dead-letter output), so callers need no branch.
+            return (records | "Spread" >> beam.Reshuffle()
+                    | "Keep" >> beam.FlatMap(lambda r: [r]).with_outputs(DEAD, main="records"))
         return (
             records
             | "KeyById" >> beam.Map(lambda r: (r.sample_id, r))
             | "GroupById" >> beam.GroupByKey()
-            | "FirstOfGroup" >> beam.FlatMap(_first_of_group)
+            | "FirstOfGroup" >> beam.FlatMap(_first_of_group).with_outputs(DEAD, main="records")
         )
 
 
@@ -104,8 +110,8 @@ class _WindowDoFn(beam.DoFn):
 
     BUFFER = 256
 
-    def __init__(self, *, tokenizer_json: str, spec: WindowSpec, store_uri: str, resume_shards: list[str]) -> None:
-        self._tokenizer_json = tokenizer_json
+    def __init__(self, *, encoder: EncoderSpec, spec: WindowSpec, store_uri: str, resume_shards: list[str]) -> None:
+        self._encoder = encoder
         self._spec = spec
         self._store_uri = store_uri
         self._resume_shards = resume_shards
@@ -116,8 +122,9 @@ class _WindowDoFn(beam.DoFn):
         self._dead = _counter("dead_letters")
 
     def setup(self) -> None:
-        # The backend tokenizer from its JSON: no transformers import on this worker.
-        self._tok = tokenizer_from_json(self._tokenizer_json)
+        # The teacher's text encoder (for HF teachers the backend tokenizer from its JSON: no
+        # transformers import on this worker).
+        self._enc = self._encoder.load()
         self._byte_len = byte_len_of_id(_read_vocab(self._store_uri)) if self._spec.offsets else None
         self._done = None
         if self._resume_shards:
@@ -144,7 +151,7 @@ class _WindowDoFn(beam.DoFn):
         if not self._buf:
             return
         records, self._buf = self._buf, []
-        ids, spans = tokenize_batch(self._tok, [r.text for r in records], offsets=self._spec.offsets)
+        ids, spans = self._enc.encode([r.text for r in records], offsets=self._spec.offsets)
         for rec, rid, sp in zip(records, ids, spans):
             res = make_windows(rec, rid, sp, self._spec, byte_len=self._byte_len)
             if isinstance(res, DeadLetter):
@@ -345,12 +352,14 @@ class _FinalizeDoFn(beam.DoFn):
         self._resume = resume
         self._max_error_rate = max_error_rate
 
-    def process(self, _, shards: list[dict], errors: list[dict], n_read: int, n_read_dead: int, n_unique: int) -> Iterator[dict]:
+    def process(self, _, shards: list[dict], errors: list[dict], n_read: int, n_read_dead: int, n_unique: int,
+                n_dedupe_dead: int) -> Iterator[dict]:
         manifest = F.Manifest.from_json(self._manifest_json)
         m = sinks.finalize_store(
             self._uri, manifest, vocab_entry=self._vocab_entry, resume=sinks.ResumeState.from_json(self._resume),
             new_shards=[F.ShardInfo(**s["shard"]) for s in shards], new_samples=sum(s["samples"] for s in shards),
-            error_files=errors, input_records=n_read + n_read_dead, duplicates=n_read - n_unique,
+            # Records either survive dedupe, merge into a kept copy, or are dead letters (conflicting labels).
+            error_files=errors, input_records=n_read + n_read_dead, duplicates=n_read - n_unique - n_dedupe_dead,
             max_error_rate=self._max_error_rate,
         )
         yield m.totals
@@ -359,24 +368,26 @@ class _FinalizeDoFn(beam.DoFn):
 class FinalizeStore(beam.PTransform):
     """Collects everything and writes the manifest once (after all shards are written)."""
 
-    def __init__(self, *, shards, errors, records, read_dead, unique, **kwargs: Any) -> None:
+    def __init__(self, *, shards, errors, records, read_dead, unique, dedupe_dead, **kwargs: Any) -> None:
         super().__init__()
-        self._pcolls = (shards, errors, records, read_dead, unique)
+        self._pcolls = (shards, errors, records, read_dead, unique, dedupe_dead)
         self._kwargs = kwargs
 
     def expand(self, pbegin):
-        shards, errors, records, read_dead, unique = self._pcolls
+        shards, errors, records, read_dead, unique, dedupe_dead = self._pcolls
         all_shards = shards | "CollectShards" >> beam.combiners.ToList()
         all_errors = errors | "CollectErrorFiles" >> beam.combiners.ToList()
         n_read = records | "CountRecords" >> beam.combiners.Count.Globally()
         n_dead = read_dead | "CountReadDeadLetters" >> beam.combiners.Count.Globally()
         n_unique = unique | "CountUnique" >> beam.combiners.Count.Globally()
+        n_dedupe_dead = dedupe_dead | "CountDedupeDeadLetters" >> beam.combiners.Count.Globally()
         return (
             pbegin
             | "Trigger" >> beam.Create([None])
             | "WriteManifest" >> beam.ParDo(
                 _FinalizeDoFn(**self._kwargs), beam.pvalue.AsSingleton(all_shards), beam.pvalue.AsSingleton(all_errors),
                 beam.pvalue.AsSingleton(n_read), beam.pvalue.AsSingleton(n_dead), beam.pvalue.AsSingleton(n_unique),
+                beam.pvalue.AsSingleton(n_dedupe_dead),
             )
         )
 

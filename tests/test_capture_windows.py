@@ -11,7 +11,7 @@ from trainer.data.corpora import peoples_daily
 from kdstore.textio import DeadLetter, Record
 from trainer.data.tokenizers import train_tokenizer
 from kdstore.hashing import sample_id
-from pipelines.teacher import byte_len_of_id, load_tokenizer, vocabulary
+from pipelines.teachers import byte_len_of_id, load_tokenizer, vocabulary
 from pipelines.windows import (
     WindowSpec, backend_tokenizer, byte_spans, make_windows, tokenize_batch, utf8_char_offsets, window_starts,
 )

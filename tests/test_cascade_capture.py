@@ -1,4 +1,5 @@
-"""Beam capture of a cascade classifier into a sequence-level store (trainer/cascade_capture.py)."""
+"""Capture of a cascade classifier bundle into a sequence-level store, through the one capture
+path (``kd cache``, teacher kind ``classifier-bundle``), as the cascade runs it."""
 
 from __future__ import annotations
 
@@ -12,11 +13,19 @@ import kdstore
 from kdstore.hashing import sample_id
 from kdstore.store import read_dead_letters
 from trainer.classify import cascade_targets as T
-from trainer.classify.cascade_capture import capture_classifier
+from pipelines import capture
 from trainer.classify.classifiers import ClassifierConfig, TextClassifier, build_classifier
 from trainer.classify.segment import Vocab
 
 TEXTS = ["这个手机很好用", "质量太差了，退货", "物流很快", "一般般吧", "还会再来买的"]
+
+
+def capture_classifier(*, model_dir: str, inputs: str, output: str, bits: int = 8) -> dict:
+    """``kd cache`` with the flags the cascade passes (gold labels, sample ids checked)."""
+    argv = ["--teacher", model_dir, "--input", inputs, "--output", output, "--label-field", "label",
+            "--sample-id-field", "sample_id", "--quant-bits", str(bits), "--no-store-text", "--no-progress",
+            "--max-error-rate", "1"]
+    return capture.run(argv, save_main_session=False)["totals"]
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ import torch
 from fixtures import make_tiny_causal_lm, train_bpe_tokenizer
 from kdstore.format import Selection
 from trainer.data.corpora import peoples_daily
-from trainer.lm.cache_local import cache_with_model
+from pipelines.plain import cache_with_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

