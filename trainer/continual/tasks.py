@@ -379,7 +379,7 @@ class KDTask(Task):
         top = torch.gather(b["kd_indices"], -1, b["kd_probs"].argmax(-1, keepdim=True)).squeeze(-1)
         m = b["kd_mask"]
         agree = int(((logits.argmax(-1) == top) & m).sum())
-        self._last = (float(ce), float(kd), int(m.sum()))
+        self._last = (float(ce.detach()), float(kd.detach()), int(m.sum()))
         return loss, agree, int(m.sum())
 
     @torch.no_grad()
