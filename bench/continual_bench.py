@@ -105,7 +105,7 @@ def main() -> int:
         stores[split] = str(uri)
     t_store = time.perf_counter() - t0
     common = [f"stage_steps={args.stage_steps}", "d_model=64", "n_layers=2", "n_heads=4", "d_ff=128", "max_len=64",
-              "batch_size=16", "lr=1e-3", "warmup_steps=20", f"doc_limit={args.doc_limit}", "eval_examples=128",
+              "batch_size=16", "lr=2e-3", "warmup_steps=20", f"doc_limit={args.doc_limit}", "eval_examples=128",
               f"kd_store={stores['train']}", f"kd_eval_store={stores['validation']}", "progress=false", "log_every=20"]
     results, times = {}, {}
     for arm, (strategy, tasks) in ARMS.items():
@@ -136,8 +136,8 @@ def main() -> int:
         f"Encoder: BERT-style, d_model 64, 2 layers, 4 heads, d_ff 128, max_len 64 "
         f"({results['sequential']['encoder_parameters']:,} encoder parameters, vocabulary 4,035 = the reference "
         f"teacher's padded BPE 4,032 + [MASK]/[CLS]/[SEP]). {args.doc_limit} People's Daily training articles; "
-        f"held-out: the validation articles ({128} examples per task). Batch 16, AdamW lr 1e-3, linear decay over the "
-        f"run. {len(TASKS)} stages x {args.stage_steps} steps = {len(TASKS) * args.stage_steps} steps per arm, one task "
+        f"held-out: the validation articles ({128} examples per task). Batch 16, AdamW lr 2e-3, 20 warm-up steps then constant "
+        f"(lr_schedule=constant). {len(TASKS)} stages x {args.stage_steps} steps = {len(TASKS) * args.stage_steps} steps per arm, one task "
         f"per step. kd: reference teacher (4.2M params) top-16 store over the same {args.doc_limit} articles, "
         f"64-token windows, loss 0.5 CE + 0.5 KL.",
         "",

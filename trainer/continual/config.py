@@ -44,6 +44,7 @@ class ContinualConfig:
     kd_eval_store: str = ""  # store over held-out text (kd task's held-out metrics)
     tokenizer: str = ""  # HF tokenizer dir; "" = the kd store teacher's, else the reference BPE tokenizer
     doc_limit: int = 0  # use the first N training articles (0 = all)
+    eval_doc_limit: int = 0  # use the first N validation articles for held-out metrics (0 = all 155)
     eval_examples: int = 256  # held-out examples per task and evaluation
     max_len: int = 128  # encoder positions; longer inputs are truncated (the kd store must fit)
     mask_rate: float = 0.15  # share of tokens masked by the masking tasks
@@ -61,7 +62,8 @@ class ContinualConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 50  # linear warm-up, then linear decay to 0 over the whole run
+    warmup_steps: int = 50  # linear warm-up over the first steps of the run
+    lr_schedule: str = "constant"  # constant after warm-up (a later stage is not starved) | linear (decay to 0 at the end)
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 0
     device: str = "cpu"
@@ -97,6 +99,8 @@ class ContinualConfig:
         for key in ("stage_steps", "batch_size", "eval_examples", "log_every", "reorder_segments", "tdr_min_docs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule must be constant or linear, got {self.lr_schedule!r}")
         if not 0.0 < self.mask_rate < 1.0:
             raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
         if not 0.0 <= self.kd_alpha <= 1.0:
@@ -153,8 +157,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix.lower() == ".toml":
-            import tomllib  # noqa: PLC0415
-
+            try:
+                import tomllib  # noqa: PLC0415 - Python >= 3.11
+            except ImportError:  # pragma: no cover - Python 3.10
+                try:
+                    import tomli as tomllib  # noqa: PLC0415
+                except ImportError:
+                    raise ValueError(f"config file {p}: TOML needs Python >= 3.11 or 'pip install tomli'; "
+                                     f"or write the file as JSON") from None
             data = tomllib.loads(text)
         elif p.suffix.lower() == ".json":
             data = json.loads(text)

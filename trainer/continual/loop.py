@@ -92,7 +92,9 @@ def build_tasks(cfg: ContinualConfig, names: list[str], tokenizer_path: str, spe
     tok = load_tokenizer(tokenizer_path)
     all_train = peoples_daily_documents("train")
     train_docs = all_train[: cfg.doc_limit] if cfg.doc_limit else all_train
-    train, valid = Corpus.build(train_docs, tok), Corpus.build(peoples_daily_documents("validation"), tok)
+    valid_docs = peoples_daily_documents("validation")
+    valid_docs = valid_docs[: cfg.eval_doc_limit] if cfg.eval_doc_limit else valid_docs
+    train, valid = Corpus.build(train_docs, tok), Corpus.build(valid_docs, tok)
     common = {"cfg": cfg, "special": special, "train": train, "valid": valid}
     out: dict[str, Any] = {}
     for name in names:
@@ -144,12 +146,14 @@ def _train(cfg: ContinualConfig) -> dict[str, Any]:
                             d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
                             max_len=cfg.max_len, dropout=cfg.dropout)
     model = ContinualModel(config=mcfg, heads={n: tasks[n].head_size for n in names}).to(cfg.device)
-    from transformers import get_linear_schedule_with_warmup  # noqa: PLC0415
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup  # noqa: PLC0415
 
     plan, ends = run_plan(stages), stage_ends(stages)
     total = len(plan)
     optimizer = torch.optim.AdamW(model.trained_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total), total)
+    warm = min(cfg.warmup_steps, total)
+    scheduler = (get_constant_schedule_with_warmup(optimizer, warm) if cfg.lr_schedule == "constant"
+                 else get_linear_schedule_with_warmup(optimizer, warm, total))
     start = 0
     if cfg.resume:
         ckpt = ckpt_io.load_checkpoint(cfg.resume)

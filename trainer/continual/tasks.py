@@ -327,28 +327,30 @@ class KDTask(Task):
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        from kdstore import SoftLabelDataset, StoreLoader  # noqa: PLC0415
+        from kdstore import SoftLabelDataset  # noqa: PLC0415
 
         self.head_size = self.special.base
         self.train_ds = SoftLabelDataset(self.cfg.kd_store, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
         self.eval_ds = SoftLabelDataset(self.cfg.kd_eval_store, batch_size=64, shuffle=False)
-        self.loader = StoreLoader(self.train_ds)
         self._it = None
         self._next_k = 0
 
     def position(self, k: int) -> None:
-        """Make the next :meth:`batch` call return batch ``k`` (epoch and offset from ``k``)."""
-        nb = self.train_ds.num_batches(0)
-        self.loader.epoch, self.loader.batches_done = divmod(k, nb)
-        self._it, self._next_k = iter(self.loader), k
+        """Make the next :meth:`batch` call return batch ``k``: epoch ``k // n``, batch ``k % n``
+        of that epoch's order (the store's own resumable order). The dataset is iterated
+        directly, not through a ``DataLoader``, whose iterator draws a seed from torch's global
+        RNG when created: that would shift every later dropout mask of a resumed run."""
+        epoch, j = divmod(k, self.train_ds.num_batches(0))
+        self.train_ds.set_epoch(epoch)
+        self.train_ds.start_batch = j
+        self._it, self._next_k = iter(self.train_ds), k
 
     def batch(self, k: int) -> dict[str, Any]:
         if self._it is None or k != self._next_k:
             self.position(k)
-        try:
-            b = next(self._it)
-        except StopIteration:  # epoch finished: the loader moved to the next epoch
-            self._it = iter(self.loader)
+        b = next(self._it, None)
+        if b is None:  # epoch finished
+            self.position(k)
             b = next(self._it)
         self._next_k = k + 1
         return b
