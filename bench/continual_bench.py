@@ -55,8 +55,8 @@ def heatmap(results: dict, path: Path) -> None:
         stages = sorted(r["matrix"], key=int)
         m = np.array([[r["matrix"][s][t] for t in tasks] for s in stages])
         # Per-task scale (each column's best = 1) so tasks of different chance levels share one colour map.
-        col_max = np.array([max(results[a]["matrix"][s][t if t in results[a]["tasks"] else tasks[0]]
-                                for a in results for s in results[a]["matrix"]) for t in tasks])
+        col_max = np.array([max(results[a]["matrix"][s][t] for a in results if t in results[a]["tasks"]
+                                for s in results[a]["matrix"]) for t in tasks])
         ax.imshow(m / np.maximum(col_max, 1e-9), cmap="viridis", vmin=0, vmax=1, aspect="auto")
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
@@ -83,6 +83,7 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/kdstore-continual-bench")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="retrain arms whose result.json is already in --work")
     args = ap.parse_args()
 
     import torch  # noqa: PLC0415
@@ -93,6 +94,7 @@ def main() -> int:
     from trainer.continual.loop import train  # noqa: PLC0415
     from trainer.continual.schedule import parse_stages  # noqa: PLC0415
     from trainer.continual.store import capture_articles  # noqa: PLC0415
+    from trainer.core.config import to_dict  # noqa: PLC0415
 
     work = Path(args.work)
     t0 = time.perf_counter()
@@ -111,14 +113,26 @@ def main() -> int:
     for arm, (strategy, tasks) in ARMS.items():
         t1 = time.perf_counter()
         cfg = load_config(None, common + [f"strategy={strategy}", f"tasks={','.join(tasks)}", f"out_dir={work / arm}"])
-        r = train(cfg)
+        done, cfg_file = work / arm / "result.json", work / arm / "config.json"
+        saved = None
+        if done.exists() and cfg_file.exists() and not args.fresh and done.stat().st_mtime >= cfg_file.stat().st_mtime:
+            old = json.loads(cfg_file.read_text())
+            old.pop("resolved_stages", None)
+            saved = json.loads(done.read_text()) if old == to_dict(cfg) else None
+        if saved:
+            r = saved  # finished earlier with these settings (the bench is restartable)
+            print(f"[bench] {arm}: reusing {done}", flush=True)
+        else:
+            r = train(cfg)
         r["stage_tasks"] = [list(st.tasks) for st in parse_stages(r["stages"], stage_steps=args.stage_steps)]
         r["extras"] = [json.loads(x) for x in (work / arm / "metrics.jsonl").read_text().splitlines()]
         results[arm] = r
-        times[arm] = time.perf_counter() - t1
+        times[arm] = r["train_seconds"] if r is saved else time.perf_counter() - t1
         print(f"[bench] {arm}: {times[arm]:.0f} s, final {r['matrix'][str(len(r['stage_tasks']))]}", flush=True)
 
     down: dict[str, dict[str, list[float]]] = {}
+    cache_path = work / "downstream.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() and not args.fresh else {}
     t2 = time.perf_counter()
     for task in ("sentiment", "pos"):
         for arm in list(ARMS) + ["scratch"]:
@@ -127,7 +141,11 @@ def main() -> int:
                 fc = FinetuneConfig(task=task, encoder=enc, model_from=results["sequential"]["encoder"],
                                     steps=args.finetune_steps, batch_size=16, train_limit=3000,
                                     eval_limit=1000 if task == "sentiment" else 300, seed=seed)
-                down.setdefault(task, {}).setdefault(arm, []).append(finetune(fc)["metric"])
+                key = f"{task}|{arm}|{seed}|{args.finetune_steps}|{results[arm if arm != 'scratch' else 'sequential']['stages']}"
+                if key not in cache:
+                    cache[key] = finetune(fc)["metric"]
+                    cache_path.write_text(json.dumps(cache, indent=1))
+                down.setdefault(task, {}).setdefault(arm, []).append(cache[key])
             print(f"[bench] {task} {arm}: {down[task][arm]}", flush=True)
     t_down = time.perf_counter() - t2
 

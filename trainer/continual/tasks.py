@@ -144,7 +144,7 @@ class MaskTask(Task):
                 masked |= toks
                 if is_ent:
                     entity |= toks
-        else:
+        if not masked:  # plain masking, or no whole unit fits before the truncation
             masked = set(rng.sample(range(n), budget))
         ids = [self.special.cls] + [self.special.mask if i in masked else t for i, t in enumerate(ln.ids[:n])]
         tgt = [IGNORE_INDEX] + [t if i in masked else IGNORE_INDEX for i, t in enumerate(ln.ids[:n])]
