@@ -37,7 +37,8 @@ def mean(xs: list[float]) -> float:
 
 class RunLog:
     """``out/metrics.jsonl``: one JSON object per event. ``cfg`` is the run's flat config
-    (:class:`TrainConfig` or another recipe's); only ``record_samples`` is read from it."""
+    (:class:`TrainConfig` or another recipe's); only ``record_samples`` and ``tensorboard`` are read
+    from it (absent = off)."""
 
     def __init__(self, out: Path, dist: Dist, cfg: TrainConfig | Any, *, resume_step: int | None) -> None:
         self.out, self.dist, self.cfg = out, dist, cfg
