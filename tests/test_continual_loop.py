@@ -24,7 +24,7 @@ def stores(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.data.corpora import peoples_daily, peoples_daily_documents
-    from trainer.lm.cache_local import cache_with_model
+    from pipelines.plain import cache_with_model
 
     root = tmp_path_factory.mktemp("continual")
     tok_dir = train_bpe_tokenizer([s.text for s in peoples_daily("train")[:1500]], root / "tok", vocab_size=800,

@@ -1,7 +1,7 @@
 """A small soft-label store of the reference teacher over People's Daily articles (kd task).
 
 ``kd cache`` (Beam) is the production capture; for a benchmark-sized slice the in-process
-capture (:func:`trainer.lm.cache_local.cache_with_model`, the same windows, selection and
+capture (:func:`pipelines.plain.cache_with_model`, the same windows, selection and
 store format) is enough. Windows are ``max_length`` teacher tokens, so they fit an encoder
 with ``max_len >= max_length``.
 """
@@ -23,7 +23,7 @@ def capture_articles(out: str | Path, *, split: str, doc_limit: int = 0, line_li
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     from trainer.data.corpora import peoples_daily_documents  # noqa: PLC0415
-    from trainer.lm.cache_local import cache_with_model  # noqa: PLC0415
+    from pipelines.plain import cache_with_model  # noqa: PLC0415
     from trainer.lm.reference import reference_teacher  # noqa: PLC0415
 
     tdir = Path(teacher_dir) if teacher_dir else reference_teacher(progress=progress)
