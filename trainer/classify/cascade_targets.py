@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from kdstore.dataset import IGNORE_INDEX, SoftLabelDataset
 from kdstore.store import Store, open as open_store
+from trainer.core.losses import sparse_kd_loss
 
 SOURCE_GOLD, SOURCE_A, SOURCE_B = 0, 1, 2
 SOURCE_NAMES = {SOURCE_GOLD: "gold", SOURCE_A: "a", SOURCE_B: "b"}
@@ -292,37 +293,35 @@ def build_teacher_table(
 
 def sparse_kl(student_logits: torch.Tensor, probs: torch.Tensor, kept: torch.Tensor, tail: torch.Tensor, *,
               temperature: float = 1.0) -> torch.Tensor:
-    """Per-sample forward KL(q_T || p_T) over the kept classes plus one tail bucket, ``[B]``.
+    """Per-sample forward KL(q || p_T) over the kept classes plus one tail bucket, ``[B]``:
+    :func:`trainer.core.losses.sparse_kd_loss` (the one sparse KL) on dense per-class tensors,
+    without its ``T**2`` factor.
 
-    student_logits ``[B, C]``; probs ``[B, C]`` teacher probabilities of kept classes; kept
-    ``[B, C]`` bool; tail ``[B]`` teacher mass outside the kept classes. The teacher is tempered
-    as ``q_T ∝ q^(1/T)`` over kept classes and the tail bucket (exact when every class is kept,
-    the default for a classifier store; the tail is then 0); the student as ``softmax(z / T)``,
-    its tail bucket being the mass of its non-kept classes. fp32 throughout.
+    student_logits ``[B, C]``; probs ``[B, C]`` stored teacher probabilities (0 where not kept);
+    kept ``[B, C]`` bool; tail ``[B]`` teacher mass outside the kept classes. The stored
+    probabilities are used as they are (they carry the capture temperature); the student is
+    ``softmax(z / T)``.
     """
-    z = student_logits.float() / temperature
-    logp = F.log_softmax(z, dim=-1)
-    neg_inf = torch.finfo(torch.float32).min
-    has_rest = (~kept).any(-1)
-    tail = torch.where(has_rest, tail.float(), torch.zeros_like(tail, dtype=torch.float32))
-    # Teacher: tempered log-probabilities over [kept classes..., tail bucket].
-    with torch.no_grad():
-        logq = torch.where(kept & (probs > 0), probs.float().clamp_min(1e-30).log(), torch.full_like(z, neg_inf))
-        logq_tail = torch.where(tail > 0, tail.clamp_min(1e-30).log(), torch.full_like(tail, neg_inf))
-        logq_all = torch.cat([logq, logq_tail.unsqueeze(1)], dim=1) / temperature
-        q_all = torch.softmax(logq_all, dim=1)
-        logq_all = torch.log_softmax(logq_all, dim=1)
-    logp_tail = torch.logsumexp(logp.masked_fill(kept, neg_inf), dim=-1)
-    logp_all = torch.cat([logp, logp_tail.unsqueeze(1)], dim=1)
-    live = q_all > 0
-    terms = torch.where(live, q_all * (logq_all - logp_all), torch.zeros_like(q_all))
-    return terms.sum(-1)
+    idx, p = _as_sparse(probs, kept)
+    mask = torch.ones(student_logits.shape[0], dtype=torch.bool, device=student_logits.device)
+    kd = sparse_kd_loss(student_logits, idx, p, tail, mask, temperature=temperature, reduction="none")
+    return kd / temperature**2
+
+
+def _as_sparse(probs: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``[B, C]`` teacher rows -> the store's sparse layout: indices ``[B, C]`` (every
+    class) and probabilities ``[B, C]`` with 0 on the classes that are not kept (the core loss
+    treats probability-0 slots as padding, so they join the tail bucket)."""
+    b, c = probs.shape
+    idx = torch.arange(c, device=probs.device).expand(b, c)
+    return idx, torch.where(kept, probs.float(), 0.0)
 
 
 @dataclass
 class LossWeights:
     """Weights of the student loss: gold CE, KD on A's target labels, KD on B's optimized
-    labels, and the KD temperature (KD terms are scaled by T^2)."""
+    labels, and the KD temperature: the stores' capture temperature (the student is tempered
+    by it, the stored targets are not; KD terms are scaled by T^2)."""
 
     gold: float = 1.0
     target: float = 1.0
@@ -342,12 +341,14 @@ def cascade_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Student loss of one batch, averaged over its samples::
 
-        loss = mean_i [ w_gold * CE(z_i, y_i) + w_src(i) * T^2 * KL(q_i,T || p_i,T) ]
+        loss = mean_i [ w_gold * CE(z_i, y_i) + w_src(i) * T^2 * KL(q_i || p_i,T) ]
 
     with ``w_src`` = ``weights.target`` for samples whose teacher is A, ``weights.optimized``
-    for B, and 0 for gold-only samples. logits ``[B, C]``; labels ``[B]`` (-100 = no gold
-    label: no CE term); source/probs/kept/tail from :meth:`TeacherTable.lookup`.
-    Returns (scalar loss, parts: mean CE and mean KL over the samples that have them).
+    for B, and 0 for gold-only samples; ``q_i`` is the stored distribution as it is (captured at
+    temperature T), ``p_i,T = softmax(z_i / T)``. The KD term is
+    :func:`trainer.core.losses.sparse_kd_loss`. logits ``[B, C]``; labels ``[B]`` (-100 = no
+    gold label: no CE term); source/probs/kept/tail from :meth:`TeacherTable.lookup`.
+    Returns (scalar loss, parts: mean CE and mean KL (without T^2) over the samples that have them).
     """
     n = logits.shape[0]
     if n == 0:
@@ -357,13 +358,14 @@ def cascade_loss(
     ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none") * has_gold
     w_kd = torch.where(source == SOURCE_A, weights.target, torch.where(source == SOURCE_B, weights.optimized, 0.0))
     has_kd = source != SOURCE_GOLD
-    kl = torch.zeros(n, device=logits.device)
+    t = weights.temperature
+    kd = torch.zeros(n, device=logits.device)  # T^2 * KL per sample, 0 for gold-only samples
     if bool(has_kd.any()):
-        kl = torch.where(has_kd, sparse_kl(logits, probs, kept, tail, temperature=weights.temperature), kl)
-    t2 = weights.temperature ** 2
-    loss = (weights.gold * ce + w_kd.to(logits) * t2 * kl).sum() / n
+        idx, p = _as_sparse(probs, kept)
+        kd = sparse_kd_loss(logits, idx, p, tail, has_kd, temperature=t, reduction="none")
+    loss = (weights.gold * ce + w_kd.to(logits) * kd).sum() / n
     parts = {
         "ce": float(ce.detach().sum() / has_gold.sum().clamp_min(1)),
-        "kl": float(kl.detach().sum() / has_kd.sum().clamp_min(1)),
+        "kl": float(kd.detach().sum() / t**2 / has_kd.sum().clamp_min(1)),
     }
     return loss, parts

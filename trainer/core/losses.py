@@ -74,9 +74,11 @@ def _reduce_positions(
     reduction: str,
 ) -> torch.Tensor:
     """Apply ``fn(rows_logits [n, V], *rows_extras) -> per-position loss [n]`` to the masked
-    positions of ``logits [..., V]`` (extras shaped ``[..., *]`` like the mask), in chunks."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    positions of ``logits [..., V]`` (extras shaped ``[..., *]`` like the mask), in chunks.
+    ``reduction="none"`` returns the per-position losses shaped like the mask (0 outside it;
+    unchunked: it is meant for per-sample weights over small class counts)."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if mask.shape != logits.shape[:-1]:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)} without the vocab axis")
     V = logits.shape[-1]
@@ -84,6 +86,8 @@ def _reduce_positions(
     n_all = flat.shape[0]
     flat_extras = tuple(e.reshape(n_all, *e.shape[mask.dim():]) for e in extras)
     flat_mask = mask.reshape(-1)
+    if reduction == "none":
+        return torch.where(flat_mask, fn(flat, *flat_extras), 0.0).reshape(mask.shape)
     rows = flat_mask.nonzero().squeeze(1)
     n = rows.numel()
     if n == 0:
@@ -223,7 +227,9 @@ def sparse_kd_loss(
 
     ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher),
     ``symmetric`` = their mean. The student's logits are divided by ``temperature``; the
-    stored targets are already at the capture temperature. Reverse KL floors the teacher's
+    stored targets are never re-tempered: they already carry the capture temperature
+    (``manifest.selection.temperature``, see docs/format.md), so pass that temperature here.
+    ``reduction="none"`` gives the per-position values (times ``T**2``). Reverse KL floors the teacher's
     log-probabilities at ``log(eps)`` (a kept class or tail of probability 0 would make it
     infinite). Indices must be < V (the student's vocabulary, aligned if needed).
     """
