@@ -238,7 +238,7 @@ def test_overrides_types_and_unknown_keys():
     assert (cfg.threshold, cfg.a_max_steps, cfg.c_teachers, cfg.c_cnn_kernels) == (0.8, 12, "gold", "2,3")
     with pytest.raises(ValueError, match="did you mean threshold"):
         apply_overrides(CascadeConfig(), ["treshold=0.3"])
-    with pytest.raises(ValueError, match="a_max_steps='x': expected a int"):
+    with pytest.raises(ValueError, match="a_max_steps='x': expected int"):
         apply_overrides(CascadeConfig(), ["a_max_steps=x"])
     with pytest.raises(ValueError, match="c_teachers"):
         apply_overrides(CascadeConfig(), ["c_teachers=b"])

@@ -41,7 +41,8 @@ class StoreTargets:
 
     sample_ids: N ids in store order; probs ``[N, C]`` float32 (0 where not kept);
     kept ``[N, C]`` bool (the class is among the stored entries); tail ``[N]`` float32 (mass of
-    the classes not kept); labels ``[N]`` int64 (-100 where the store has no label).
+    the classes not kept); labels ``[N]`` int64 (-100 where the store has no label);
+    temperature: the store's capture temperature (its probabilities are at that temperature).
     """
 
     sample_ids: list[str]
@@ -49,6 +50,7 @@ class StoreTargets:
     kept: torch.Tensor
     tail: torch.Tensor
     labels: torch.Tensor
+    temperature: float = 1.0  # the capture temperature the probabilities carry (manifest)
 
     def index(self) -> dict[str, int]:
         return {s: i for i, s in enumerate(self.sample_ids)}
@@ -87,7 +89,7 @@ def read_store_targets(store: Store | str, *, batch_size: int = 4096) -> StoreTa
     cat = (lambda xs, shape: torch.cat(xs) if xs else torch.zeros(shape))
     return StoreTargets(
         sample_ids=ids, probs=cat(probs, (0, c)), kept=cat(kept, (0, c)).bool(), tail=cat(tails, (0,)),
-        labels=cat(labels, (0,)).long(),
+        labels=cat(labels, (0,)).long(), temperature=float(store.manifest.selection.temperature),
     )
 
 
@@ -188,7 +190,8 @@ def split_by_threshold(t: StoreTargets, *, threshold: float, metric: str = "gold
 class TeacherTable:
     """The student's teacher distribution per training sample, looked up by sample id.
 
-    source ``[N]`` int64 (``SOURCE_*``); probs ``[N, C]``; kept ``[N, C]``; tail ``[N]``.
+    source ``[N]`` int64 (``SOURCE_*``); probs ``[N, C]``; kept ``[N, C]``; tail ``[N]``;
+    temperature: the teacher stores' capture temperature, at which the student is tempered.
     Rows with ``SOURCE_GOLD`` are all zeros and never enter the KD term.
     """
 
@@ -197,6 +200,7 @@ class TeacherTable:
     probs: torch.Tensor
     kept: torch.Tensor
     tail: torch.Tensor
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self._index = {s: i for i, s in enumerate(self.sample_ids)}
@@ -250,6 +254,9 @@ def build_teacher_table(
         return TeacherTable(sample_ids=list(sample_ids), source=source, probs=probs, kept=kept, tail=tail)
     if a is None:
         raise ValueError(f"teachers={teachers!r} needs A's store")
+    if teachers == "cascade" and b is not None and abs(b.temperature - a.temperature) > 1e-9:
+        raise ValueError(f"A's store was captured at temperature {a.temperature}, B's at {b.temperature}: one student "
+                         "temperature cannot match both; re-capture them at one temperature")
     want = torch.full((n,), SOURCE_A, dtype=torch.long)
     if teachers == "cascade":
         if split is None or b is None:
@@ -285,7 +292,8 @@ def build_teacher_table(
         probs[rows] = t.probs[src]
         kept[rows] = t.kept[src]
         tail[rows] = t.tail[src]
-    return TeacherTable(sample_ids=list(sample_ids), source=source, probs=probs, kept=kept, tail=tail)
+    return TeacherTable(sample_ids=list(sample_ids), source=source, probs=probs, kept=kept, tail=tail,
+                        temperature=a.temperature)
 
 
 # -- student loss -------------------------------------------------------------------------------
