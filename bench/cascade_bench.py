@@ -46,7 +46,7 @@ SETTINGS = [
     "a_lr=1e-3", "a_batch_size=32",
     "b_d_model=64", "b_lstm_hidden=64", "b_max_steps=150", "b_eval_every=50", "b_batch_size=32",
     "c_d_model=32", "c_cnn_channels=48", "c_cnn_kernels=2,3,4", "c_max_steps=400", "c_eval_every=50", "c_patience=4",
-    "c_batch_size=64", "c_lr=2e-3", "c_temperature=2.0",
+    "c_batch_size=64", "c_lr=2e-3", "capture_temperature=2.0",
 ]
 QUICK = ["train_limit=600", "eval_limit=200", "test_limit=400", "a_max_steps=60", "a_eval_every=30", "b_max_steps=20",
          "b_eval_every=10", "c_max_steps=60", "c_eval_every=20"]

@@ -46,8 +46,6 @@ FILE_FORMAT = "kdstore.alignment"
 FILE_VERSION = 1
 
 
-@dataclass
-
 def _csr(targets: list[list[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-teacher-id ``(aligned id, weight)`` lists as CSR arrays: ``ptr [V+1]``, ``col``, ``weight``."""
     V = len(targets)
@@ -59,6 +57,7 @@ def _csr(targets: list[list[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray
     return ptr, col, weight
 
 
+@dataclass
 class VocabAlignment:
     """Teacher -> aligned vocabulary map; implements the dataset ``remap`` protocol.
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.classify.classifiers import pad_batch
+from trainer.classify.classifiers import classification_metrics, pad_batch
 from trainer.classify.segment import SegmentationSampler, Vocab
 
 
@@ -74,26 +74,17 @@ def predict_logits(model: nn.Module, enc: Encoded, *, batch_size: int = 256, dev
     return logits
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """``loss`` (mean CE, nats), ``acc`` and ``macro_f1`` of logits ``[N, C]`` vs labels ``[N]``."""
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``loss`` (mean CE, nats), ``acc`` and ``macro_f1`` of logits ``[N, C]`` vs labels ``[N]``
+    (accuracy and macro-F1 from :func:`trainer.classify.classifiers.classification_metrics`)."""
     if len(labels) == 0:
         return {"loss": float("nan"), "acc": float("nan"), "macro_f1": float("nan")}
-    pred = logits.argmax(-1)
-    f1s = []
-    for c in range(logits.shape[1]):
-        tp = int(((pred == c) & (labels == c)).sum())
-        fp = int(((pred == c) & (labels != c)).sum())
-        fn = int(((pred != c) & (labels == c)).sum())
-        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return {
-        "loss": float(F.cross_entropy(logits.float(), labels)),
-        "acc": float((pred == labels).float().mean()),
-        "macro_f1": sum(f1s) / len(f1s),
-    }
+    m = classification_metrics(logits.argmax(-1), labels, logits.shape[1])
+    return {"loss": float(F.cross_entropy(logits.float(), labels)), "acc": m["acc"], "macro_f1": m["f1"]}
 
 
 def evaluate(model: nn.Module, enc: Encoded, *, batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
-    return classification_metrics(predict_logits(model, enc, batch_size=batch_size, device=device), enc.labels)
+    return logit_metrics(predict_logits(model, enc, batch_size=batch_size, device=device), enc.labels)
 
 
 def throughput(model: nn.Module, enc: Encoded, *, batch_size: int = 256, device: str = "cpu", repeats: int = 1) -> float:

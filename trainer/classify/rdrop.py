@@ -10,7 +10,8 @@ every forward pass draws its own dropout mask: two sub-models of one network. Th
 
 With ``passes=1`` (and ``w_kl=0``) the same loop is the plain cross-entropy baseline; with one
 deterministic granularity (``train_segs=char``) it is the original R-Drop (Liang et al. 2021),
-where only the dropout masks differ. The loss is :func:`trainer.core.losses.rdrop_loss`.
+where only the dropout masks differ. The loss is :func:`trainer.core.losses.rdrop_loss`; the
+steps run in the classifier loop shared with the cascade (:func:`trainer.classify.loop.train_classifier`).
 
 ``kd train rdrop [key=value ...] [--teacher-probs FILE] [--resume RUN_DIR]``; ``--print-config``
 lists the keys. Outputs in ``out_dir`` (as ``kd train student``): ``config.json``,
