@@ -21,9 +21,6 @@ MAX_FUNCTION_LINES = 80
 TRAINING_LOOPS = {
     "trainer/lm/student.py::_train": "the LM distillation / CE training loop",
     "trainer/classify/loop.py::train_classifier": "the classifier loop shared by R-Drop and the cascade",
-    # Temporary: the Beam-free capture loop (81 lines) is being rewritten by the capture half of
-    # issue 12 (its replacement, _capture_loop, is 79 lines); drop this entry when that lands.
-    "pipelines/plain.py::capture_plain": "the Beam-free capture loop (until the capture rewrite lands)",
 }
 
 
@@ -62,34 +59,3 @@ def test_no_function_over_the_line_limit_except_training_loops(folder):
             if n > MAX_FUNCTION_LINES and f"{rel}::{name}" not in TRAINING_LOOPS:
                 long[f"{rel}::{name}"] = n
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them): {long}"
-
-
-# Files of trainer/ that run a capture on purpose and so may import pipelines.
-CAPTURE_ON_PURPOSE = {"trainer/demo.py", "trainer/classify/cascade.py", "trainer/classify/cascade_capture.py",
-                      "trainer/lm/cache_local.py"}
-
-
-def _imported_roots(path: Path) -> set[str]:
-    roots = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            roots.add(node.module.split(".")[0])
-    return roots
-
-
-def test_rooms_import_along_the_data_path_only():
-    """kdstore imports neither pipelines nor trainer; pipelines never imports trainer; trainer
-    imports pipelines only where it runs a capture on purpose (docs/architecture.md)."""
-    bad = []
-    for p in _sources():
-        rel = p.relative_to(ROOT).as_posix()
-        roots = _imported_roots(p)
-        if rel.startswith("kdstore/") and roots & {"trainer", "pipelines"}:
-            bad.append(f"{rel} imports {sorted(roots & {'trainer', 'pipelines'})}")
-        if rel.startswith("pipelines/") and "trainer" in roots:
-            bad.append(f"{rel} imports trainer")
-        if rel.startswith("trainer/") and "pipelines" in roots and rel not in CAPTURE_ON_PURPOSE:
-            bad.append(f"{rel} imports pipelines")
-    assert not bad, bad
