@@ -104,87 +104,47 @@ def _plot(cov_rows: list[list], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small smoke run; nothing written to docs")
-    ap.add_argument("--reps", type=int, default=7)
-    args = ap.parse_args(argv)
-    quick = args.quick
-    t_start = time.perf_counter()
-    n_train, vocab = (600, 1500) if quick else (3000, 4000)
-    print(f"training tokenizers on {n_train} People's Daily lines ...", flush=True)
-    toks = corpus_tokenizers(n_train, vocab)
-    eval_texts = [s.text for s in peoples_daily("validation") + peoples_daily("test")]
-    if quick:
-        eval_texts = eval_texts[:120]
-    reps = 2 if quick else args.reps
-    with tempfile.TemporaryDirectory() as tmp:
-        # -- coverage stores: every tokenizer as the teacher --------------------------------
-        stores = {}
-        for k in KINDS:
-            print(f"writing the {k} teacher store ...", flush=True)
-            stores[k] = synthetic_store(Path(tmp) / f"cov-{k}", toks[k], eval_texts, k=8, max_tokens=256, seed=11)
-        cov_rows, seq_rows = [], []
-        for t in KINDS:
-            usage = scan_store(stores[t], progress=False)
-            for s in KINDS:
-                rep = coverage_report(stores[t], toks[s], usage=usage, sequence_rows=0, progress=False)
-                for pol in POLICIES:
-                    q = rep["policies"][pol]
-                    r = q["rules"]
-                    rows_share = 1.0 - r["padding"]["vocab_share"]
-                    matched_v = sum(r[x]["vocab_share"] for x in ("exact", "canonical", "special", "tokenizer")) / rows_share
-                    cov_rows.append([f"{t} -> {s}", pol, 100 * matched_v, q["aligned_vocab_size"],
-                                     100 * q["mapped_mass_share"], 100 * q["input_coverage"],
-                                     100 * (r["canonical"]["mass_share"] + r["exact"]["mass_share"])])
-                al = VocabAlignment.build(stores[t], toks[s], policy="first_piece")
-                fr = {}
-                t0 = time.perf_counter()
-                n_tok = 0
-                for mode in ("boundary", "one_to_one"):
-                    aligner = SequenceAligner(student=toks[s], alignment=al, mode=mode)
-                    tot = {"student_tokens": 0, "in_window": 0, "targets": 0, "in_1:1": 0, "in_1:n": 0, "in_n:1": 0, "in_n:m": 0}
-                    for b in stores[t].iter_batches(batch_rows=256):
-                        st = aligner.align_batch(stores[t], b).stats
-                        for key in tot:
-                            tot[key] += st[key]
-                    fr[mode] = tot
-                    n_tok += tot["student_tokens"]
-                dt = time.perf_counter() - t0
-                b = fr["boundary"]
-                n = max(1, b["in_window"])
-                seq_rows.append([f"{t} -> {s}", b["in_window"], 100 * b["targets"] / n,
-                                 100 * fr["one_to_one"]["targets"] / n, *(100 * b[f"in_{g}"] / n for g in ("1:1", "1:n", "n:1", "n:m")),
-                                 n_tok / dt])
-            print(f"coverage and sequence alignment done for teacher {t}", flush=True)
-        # -- throughput: remap on vs off, one run ----------------------------------------------
-        print("writing the throughput store (top-32) ...", flush=True)
-        big = synthetic_store(Path(tmp) / "tp", toks["bpe"], eval_texts, k=32, max_tokens=256, seed=12)
-        remaps = {"off": None}
-        for s in ("wordpiece", "unigram"):
-            for pol in ("first_piece", "split", "extend"):
-                remaps[f"{s}/{pol}"] = VocabAlignment.build(big, toks[s], policy=pol)
-        print("timing ...", flush=True)
-        dec = _decode_remap(big, remaps, reps=reps)
-        ds = _throughput(big, remaps, reps=reps, batch_size=32)
-        positions = big.manifest.totals["tokens"]
-    base_ds, base_dec = statistics.median(ds["off"]), statistics.median(dec["off"])
-    tp_rows = []
-    for name in remaps:
-        m_ds, m_dec = statistics.median(ds[name]), statistics.median(dec[name])
-        tp_rows.append([name, f"{m_ds:,.0f}", f"{m_ds / base_ds:.2f}", f"{m_dec:,.0f}", f"{m_dec / base_dec:.2f}"])
-    cov_table = markdown_table(["teacher -> student", "policy", "vocab rows matched %", "aligned vocab", "mass mapped %",
-                                "inputs mapped %", "mass exact+canonical %"], cov_rows)
-    seq_table = markdown_table(["teacher -> student", "student positions", "targeted % (boundary)", "targeted % (1:1 only)",
-                                "in 1:1 %", "in 1:n %", "in n:1 %", "in n:m %", "align tokens/s"], seq_rows)
-    tp_table = markdown_table(["remap (student/policy)", "dataset positions/s", "ratio vs off", "decode+remap positions/s",
-                               "ratio vs off"], tp_rows)
-    print(tp_table, cov_table, seq_table, sep="\n\n")
-    wall = time.perf_counter() - t_start
-    if quick:
-        print(f"\n(quick run, {wall:.0f} s; docs not written)")
-        return 0
-    _plot(cov_rows, IMG)
+def _coverage_and_sequences(stores: dict, toks: dict) -> tuple[list[list], list[list]]:
+    """Rows of the coverage table (teacher -> student, policy) and of the sequence-alignment table."""
+    cov_rows: list[list] = []
+    seq_rows: list[list] = []
+    for t in KINDS:
+        usage = scan_store(stores[t], progress=False)
+        for s in KINDS:
+            rep = coverage_report(stores[t], toks[s], usage=usage, sequence_rows=0, progress=False)
+            for pol in POLICIES:
+                q = rep["policies"][pol]
+                r = q["rules"]
+                rows_share = 1.0 - r["padding"]["vocab_share"]
+                matched_v = sum(r[x]["vocab_share"] for x in ("exact", "canonical", "special", "tokenizer")) / rows_share
+                cov_rows.append([f"{t} -> {s}", pol, 100 * matched_v, q["aligned_vocab_size"],
+                                 100 * q["mapped_mass_share"], 100 * q["input_coverage"],
+                                 100 * (r["canonical"]["mass_share"] + r["exact"]["mass_share"])])
+            al = VocabAlignment.build(stores[t], toks[s], policy="first_piece")
+            fr = {}
+            t0 = time.perf_counter()
+            n_tok = 0
+            for mode in ("boundary", "one_to_one"):
+                aligner = SequenceAligner(student=toks[s], alignment=al, mode=mode)
+                tot = {"student_tokens": 0, "in_window": 0, "targets": 0, "in_1:1": 0, "in_1:n": 0, "in_n:1": 0, "in_n:m": 0}
+                for b in stores[t].iter_batches(batch_rows=256):
+                    st = aligner.align_batch(stores[t], b).stats
+                    for key in tot:
+                        tot[key] += st[key]
+                fr[mode] = tot
+                n_tok += tot["student_tokens"]
+            dt = time.perf_counter() - t0
+            b = fr["boundary"]
+            n = max(1, b["in_window"])
+            seq_rows.append([f"{t} -> {s}", b["in_window"], 100 * b["targets"] / n,
+                             100 * fr["one_to_one"]["targets"] / n, *(100 * b[f"in_{g}"] / n for g in ("1:1", "1:n", "n:1", "n:m")),
+                             n_tok / dt])
+        print(f"coverage and sequence alignment done for teacher {t}", flush=True)
+    return cov_rows, seq_rows
+
+
+def _docs_body(*, toks: dict, n_train: int, eval_texts: list, positions: int, reps: int, tp_table: str, cov_table: str,
+               seq_table: str, wall: float) -> str:
     sizes = ", ".join(f"{k} {len(tk)}" for k, tk in toks.items())
     body = f"""Tokenizers (`trainer.data.tokenizers`) trained on {n_train} People's Daily training lines (vocabulary
 sizes: {sizes}; Unigram keeps every corpus character plus 256 byte pieces, so its size is at least that). Stores: synthetic soft
@@ -226,6 +186,60 @@ tokens in groups of that kind.
 
 Wall time of the whole benchmark: {wall / 60:.1f} min.
 """
+    return body
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run; nothing written to docs")
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args(argv)
+    quick = args.quick
+    t_start = time.perf_counter()
+    n_train, vocab = (600, 1500) if quick else (3000, 4000)
+    print(f"training tokenizers on {n_train} People's Daily lines ...", flush=True)
+    toks = corpus_tokenizers(n_train, vocab)
+    eval_texts = [s.text for s in peoples_daily("validation") + peoples_daily("test")]
+    if quick:
+        eval_texts = eval_texts[:120]
+    reps = 2 if quick else args.reps
+    with tempfile.TemporaryDirectory() as tmp:
+        # -- coverage stores: every tokenizer as the teacher --------------------------------
+        stores = {}
+        for k in KINDS:
+            print(f"writing the {k} teacher store ...", flush=True)
+            stores[k] = synthetic_store(Path(tmp) / f"cov-{k}", toks[k], eval_texts, k=8, max_tokens=256, seed=11)
+        cov_rows, seq_rows = _coverage_and_sequences(stores, toks)
+        # -- throughput: remap on vs off, one run ----------------------------------------------
+        print("writing the throughput store (top-32) ...", flush=True)
+        big = synthetic_store(Path(tmp) / "tp", toks["bpe"], eval_texts, k=32, max_tokens=256, seed=12)
+        remaps = {"off": None}
+        for s in ("wordpiece", "unigram"):
+            for pol in ("first_piece", "split", "extend"):
+                remaps[f"{s}/{pol}"] = VocabAlignment.build(big, toks[s], policy=pol)
+        print("timing ...", flush=True)
+        dec = _decode_remap(big, remaps, reps=reps)
+        ds = _throughput(big, remaps, reps=reps, batch_size=32)
+        positions = big.manifest.totals["tokens"]
+    base_ds, base_dec = statistics.median(ds["off"]), statistics.median(dec["off"])
+    tp_rows = []
+    for name in remaps:
+        m_ds, m_dec = statistics.median(ds[name]), statistics.median(dec[name])
+        tp_rows.append([name, f"{m_ds:,.0f}", f"{m_ds / base_ds:.2f}", f"{m_dec:,.0f}", f"{m_dec / base_dec:.2f}"])
+    cov_table = markdown_table(["teacher -> student", "policy", "vocab rows matched %", "aligned vocab", "mass mapped %",
+                                "inputs mapped %", "mass exact+canonical %"], cov_rows)
+    seq_table = markdown_table(["teacher -> student", "student positions", "targeted % (boundary)", "targeted % (1:1 only)",
+                                "in 1:1 %", "in 1:n %", "in n:1 %", "in n:m %", "align tokens/s"], seq_rows)
+    tp_table = markdown_table(["remap (student/policy)", "dataset positions/s", "ratio vs off", "decode+remap positions/s",
+                               "ratio vs off"], tp_rows)
+    print(tp_table, cov_table, seq_table, sep="\n\n")
+    wall = time.perf_counter() - t_start
+    if quick:
+        print(f"\n(quick run, {wall:.0f} s; docs not written)")
+        return 0
+    _plot(cov_rows, IMG)
+    body = _docs_body(toks=toks, n_train=n_train, eval_texts=eval_texts, positions=positions, reps=reps,
+                      tp_table=tp_table, cov_table=cov_table, seq_table=seq_table, wall=wall)
     write_section("align", "Vocabulary alignment and cross-tokenizer remapping (seed 001)", body,
                   command="python bench/align_bench.py")
     return 0

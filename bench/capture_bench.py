@@ -131,6 +131,75 @@ def run_pipeline(args: list[str], out: str) -> dict:
     return {"seconds": res["seconds"], "cpu": _cpu() - c0}
 
 
+def _tables(results: dict, stores: dict[str, str], modes: list[str]) -> tuple[str, str]:
+    """Throughput table (and the plain == pipeline row check, recorded in ``results``) and bytes table."""
+    import kdstore
+
+    # rows are identical between the two captures (checked, not assumed)
+    for mode in modes:
+        a_rows = [b.to_pydict() for b in kdstore.open(stores[f"{mode}-plain"]).iter_batches(columns=["sample_id", "window", "indices", "probs"])]
+        b_rows = [b.to_pydict() for b in kdstore.open(stores[f"{mode}-pipeline"]).iter_batches(columns=["sample_id", "window", "indices", "probs"])]
+
+        def keyed(batches):
+            return {(s, w): (i, p) for d in batches for s, w, i, p in zip(d["sample_id"], d["window"], d["indices"], d["probs"])}
+
+        results[mode]["identical"] = keyed(a_rows) == keyed(b_rows)
+
+    rows = []
+    for mode in modes:
+        r = results[mode]
+        plain, pipe = statistics.median(r["plain"]), statistics.median(r["pipeline"])
+        model_tps = r["tokens"] / statistics.median(r["model_seconds"])
+        ratios = [b / a_ for a_, b in zip(r["plain"], r["pipeline"])]
+        cpu_ratio = statistics.median(r["cpu"]["pipeline"]) / statistics.median(r["cpu"]["plain"])
+        multi = (f"{statistics.median(r['multiprocess']):,.0f} ({statistics.median(r['multiprocess']) / plain:.2f})"
+                 if r["multiprocess"] else "–")
+        rows.append([mode, r["tokens"], len(r["plain"]), f"{plain:,.0f}", f"{pipe:,.0f}",
+                     f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})", f"{cpu_ratio:.2f}", multi,
+                     f"{model_tps:,.0f}", "yes" if r["identical"] else "NO"])
+    table1 = markdown_table(
+        ["mode", "tokens", "runs each", "plain loop tok/s", "pipeline tok/s (default)", "wall ratio (range)",
+         "tokens per CPU-second ratio", "multi-process pipeline tok/s (ratio)", "forward+select only tok/s", "same rows"], rows,
+    )
+    rows2 = []
+    for mode in modes:
+        uri = stores[f"{mode}-pipeline"]
+        m = kdstore.open(uri).manifest
+        cb = column_bytes(uri)
+        n = m.totals["tokens"]
+        ent = m.totals["entries"] / n
+        groups = [sum(cb.get(c, 0) for c in cols) / n for cols in GROUPS.values()]
+        rows2.append([mode, f"{ent:.1f}", *[f"{g:.1f}" for g in groups], f"{m.totals['bytes'] / n:.1f}"])
+    table2 = markdown_table(["mode", "kept entries/token", *[f"{g} B/token" for g in GROUPS], "whole store B/token"], rows2)
+    return table1, table2
+
+
+def _docs_body(a: argparse.Namespace, entropy: dict, table1: str, table2: str) -> str:
+    import torch
+
+    device = a.device if a.device == "cpu" else f"{a.device} ({torch.cuda.get_device_name(0)}, bf16)"
+    body = (
+        f"Teacher: Llama 4 layers, hidden 256, vocab 8,000 (byte-level BPE on People's Daily), trained "
+        f"{a.train_steps} steps: mean next-token entropy {entropy['entropy']:.2f} nats (uniform: 8.99), "
+        f"{entropy['top_p']:.0f} tokens to reach p=0.95 — a weak, flat teacher, so top-p hits its max-k and "
+        f"samples are mostly unique (a well-trained LM keeps far fewer). Corpus: People's Daily lines "
+        f"(validation + test), {a.lines} for top-k, {a.mode_lines} for the other modes; windows of 256 tokens; "
+        f"device: {device}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. "
+        f"Top-k 32, top-p 0.95 (max 64), sample 50 draws; 8-bit sqrt code; text and byte offsets stored.\n\n"
+        f"Throughput of the whole capture (start-up, model load, read, tokenize, forward, select, encode, write); "
+        f"median of runs in alternating order (the machine is shared, so single runs vary; the range of "
+        f"per-pair ratios is shown, and the ratio of tokens per CPU-second, which load disturbs less). "
+        f"*pipeline (default)*: `kd cache` without runner flags (in-process "
+        f"FnApiRunner for a CPU teacher); *multi-process*: one SDK process per core sharing one model "
+        f"(`large_model`, the GPU default), one run. *forward+select only*: the plain loop's tokens per "
+        f"second inside the teacher call (the ceiling for all). *same rows*: plain and pipeline stores hold "
+        f"identical rows.\n\n"
+        f"{table1}\n\nBytes per token of the pipeline's stores (zstd Parquet, compressed column chunks):\n\n{table2}\n\n"
+        f"![capture throughput](capture_bench.png)\n"
+    )
+    return body
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lines", type=int, default=700, help="corpus lines for the top-k comparison")
@@ -190,42 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 stores[f"{mode}-{kind}"] = out
                 print(f"{mode:6s} {kind:12s} rep {i}: {tokens} tokens in {res['seconds']:.1f}s = "
                       f"{tokens / res['seconds']:,.0f} tok/s; {res['cpu']:.1f} CPU s", flush=True)
-    # rows are identical between the two captures (checked, not assumed)
-    for mode in modes:
-        a_rows = [b.to_pydict() for b in kdstore.open(stores[f"{mode}-plain"]).iter_batches(columns=["sample_id", "window", "indices", "probs"])]
-        b_rows = [b.to_pydict() for b in kdstore.open(stores[f"{mode}-pipeline"]).iter_batches(columns=["sample_id", "window", "indices", "probs"])]
-
-        def keyed(batches):
-            return {(s, w): (i, p) for d in batches for s, w, i, p in zip(d["sample_id"], d["window"], d["indices"], d["probs"])}
-
-        results[mode]["identical"] = keyed(a_rows) == keyed(b_rows)
-
-    rows = []
-    for mode in modes:
-        r = results[mode]
-        plain, pipe = statistics.median(r["plain"]), statistics.median(r["pipeline"])
-        model_tps = r["tokens"] / statistics.median(r["model_seconds"])
-        ratios = [b / a_ for a_, b in zip(r["plain"], r["pipeline"])]
-        cpu_ratio = statistics.median(r["cpu"]["pipeline"]) / statistics.median(r["cpu"]["plain"])
-        multi = (f"{statistics.median(r['multiprocess']):,.0f} ({statistics.median(r['multiprocess']) / plain:.2f})"
-                 if r["multiprocess"] else "–")
-        rows.append([mode, r["tokens"], len(r["plain"]), f"{plain:,.0f}", f"{pipe:,.0f}",
-                     f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})", f"{cpu_ratio:.2f}", multi,
-                     f"{model_tps:,.0f}", "yes" if r["identical"] else "NO"])
-    table1 = markdown_table(
-        ["mode", "tokens", "runs each", "plain loop tok/s", "pipeline tok/s (default)", "wall ratio (range)",
-         "tokens per CPU-second ratio", "multi-process pipeline tok/s (ratio)", "forward+select only tok/s", "same rows"], rows,
-    )
-    rows2 = []
-    for mode in modes:
-        uri = stores[f"{mode}-pipeline"]
-        m = kdstore.open(uri).manifest
-        cb = column_bytes(uri)
-        n = m.totals["tokens"]
-        ent = m.totals["entries"] / n
-        groups = [sum(cb.get(c, 0) for c in cols) / n for cols in GROUPS.values()]
-        rows2.append([mode, f"{ent:.1f}", *[f"{g:.1f}" for g in groups], f"{m.totals['bytes'] / n:.1f}"])
-    table2 = markdown_table(["mode", "kept entries/token", *[f"{g} B/token" for g in GROUPS], "whole store B/token"], rows2)
+    table1, table2 = _tables(results, stores, modes)
     print(table1)
     print()
     print(table2)
@@ -234,28 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     png = ROOT / "docs" / "capture_bench.png"
     _plot(results, modes, png)
-    import torch
-
-    device = a.device if a.device == "cpu" else f"{a.device} ({torch.cuda.get_device_name(0)}, bf16)"
-    body = (
-        f"Teacher: Llama 4 layers, hidden 256, vocab 8,000 (byte-level BPE on People's Daily), trained "
-        f"{a.train_steps} steps: mean next-token entropy {entropy['entropy']:.2f} nats (uniform: 8.99), "
-        f"{entropy['top_p']:.0f} tokens to reach p=0.95 — a weak, flat teacher, so top-p hits its max-k and "
-        f"samples are mostly unique (a well-trained LM keeps far fewer). Corpus: People's Daily lines "
-        f"(validation + test), {a.lines} for top-k, {a.mode_lines} for the other modes; windows of 256 tokens; "
-        f"device: {device}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. "
-        f"Top-k 32, top-p 0.95 (max 64), sample 50 draws; 8-bit sqrt code; text and byte offsets stored.\n\n"
-        f"Throughput of the whole capture (start-up, model load, read, tokenize, forward, select, encode, write); "
-        f"median of runs in alternating order (the machine is shared, so single runs vary; the range of "
-        f"per-pair ratios is shown, and the ratio of tokens per CPU-second, which load disturbs less). "
-        f"*pipeline (default)*: `kd cache` without runner flags (in-process "
-        f"FnApiRunner for a CPU teacher); *multi-process*: one SDK process per core sharing one model "
-        f"(`large_model`, the GPU default), one run. *forward+select only*: the plain loop's tokens per "
-        f"second inside the teacher call (the ceiling for all). *same rows*: plain and pipeline stores hold "
-        f"identical rows.\n\n"
-        f"{table1}\n\nBytes per token of the pipeline's stores (zstd Parquet, compressed column chunks):\n\n{table2}\n\n"
-        f"![capture throughput](capture_bench.png)\n"
-    )
+    body = _docs_body(a, entropy, table1, table2)
     write_section("capture", "Capture: Beam pipeline vs plain loop", body, command="python bench/capture_bench.py")
     return 0
 

@@ -46,7 +46,7 @@ SETTINGS = [
     "a_lr=1e-3", "a_batch_size=32",
     "b_d_model=64", "b_lstm_hidden=64", "b_max_steps=150", "b_eval_every=50", "b_batch_size=32",
     "c_d_model=32", "c_cnn_channels=48", "c_cnn_kernels=2,3,4", "c_max_steps=400", "c_eval_every=50", "c_patience=4",
-    "c_batch_size=64", "c_lr=2e-3", "c_temperature=2.0",
+    "c_batch_size=64", "c_lr=2e-3", "capture_temperature=2.0",
 ]
 QUICK = ["train_limit=600", "eval_limit=200", "test_limit=400", "a_max_steps=60", "a_eval_every=30", "b_max_steps=20",
          "b_eval_every=10", "c_max_steps=60", "c_eval_every=20"]
@@ -129,8 +129,8 @@ def _setting(name: str) -> str:
     return next(x.split("=", 1)[1] for x in SETTINGS if x.startswith(name + "="))
 
 
-def render(results: list[dict], *, write_docs: bool) -> None:
-    """Print the tables; with ``write_docs`` also the PNG and the docs/benchmarks.md section."""
+def _tables(results: list[dict]) -> tuple[str, str, str, list[float], list[float]]:
+    """The accuracy, speed and split tables, and A's / C's per-seed throughputs."""
     rows = []
     for arm in ARMS:
         accs = [r[arm]["acc"] for r in results]
@@ -154,6 +154,12 @@ def render(results: list[dict], *, write_docs: bool) -> None:
           f"{r['b_store'].get('teacher_accuracy', float('nan')):.3f}", f"{r['b_store'].get('mean_gold_prob', float('nan')):.3f}",
           f"{r['seconds']:.0f}"] for r in results],
     )
+    return table, speed, splits, a_tp, c_tp
+
+
+def render(results: list[dict], *, write_docs: bool) -> None:
+    """Print the tables; with ``write_docs`` also the PNG and the docs/benchmarks.md section."""
+    table, speed, splits, a_tp, c_tp = _tables(results)
     comps = {(arm, base): _paired(results, arm, base) for arm, base in
              (("C cascade", "C gold"), ("C from A", "C gold"), ("C cascade", "C from A"), ("C cascade", "A"))}
     paired = markdown_table(

@@ -81,14 +81,34 @@ def kl_eval_cost(student_dir: Path, teacher_dir: Path) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _phase_table(tm: dict, cost: dict) -> tuple[str, float, float]:
+    """Phases measured here next to the slow machine's (before, and derived for now)."""
+    removed_s = 2 * (EVALS_WITH_KL_BEFORE - 1) * (cost["with_kl_s"] - cost["without_kl_s"])
+    keep_frac = tm["students_s"] / (tm["students_s"] + removed_s)
+    slow = {"data_s": SLOW["data_s"], "teacher_s": tm["teacher_s"],
+            "capture_s": SLOW["capture_s"], "fidelity_s": SLOW["fidelity_s"], "students_s": SLOW["students_s"] * keep_frac,
+            "report_s": SLOW["report_s"]}
+    slow_total = sum(slow.values())
+    names = [("data", "data_s"), ("reference teacher", "teacher_s"), ("Beam capture", "capture_s"),
+             ("fidelity check", "fidelity_s"), ("KD student + CE baseline", "students_s"), ("report + plots", "report_s")]
+    phase_table = markdown_table(
+        ["phase", "measured here, s", "slow machine before (issue #19), s", "slow machine now (derived), s"],
+        [[label, tm[k], SLOW[k], slow[k]] for label, k in names] + [["**total**", tm["total_s"], SLOW["total_s"], slow_total]])
+    return phase_table, slow_total, keep_frac
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="cpu", help="reference recipe (trainer.lm.reference.RECIPES)")
     ap.add_argument("--cache-dir", default=None, help="a new (empty) cache directory; default: a temporary one")
     ap.add_argument("--rebuild-teacher", action="store_true", help="train the teacher by its recipe (old cold path)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary cache and demo output")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
 
     import torch
 
@@ -112,17 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tm, runs = report["timings"], report["runs"]
     student_ms = runs["student"]["step_time_median"] * 1000
-    removed_s = 2 * (EVALS_WITH_KL_BEFORE - 1) * (cost["with_kl_s"] - cost["without_kl_s"])
-    keep_frac = tm["students_s"] / (tm["students_s"] + removed_s)
-    slow = {"data_s": SLOW["data_s"], "teacher_s": tm["teacher_s"],
-            "capture_s": SLOW["capture_s"], "fidelity_s": SLOW["fidelity_s"], "students_s": SLOW["students_s"] * keep_frac,
-            "report_s": SLOW["report_s"]}
-    slow_total = sum(slow.values())
-    names = [("data", "data_s"), ("reference teacher", "teacher_s"), ("Beam capture", "capture_s"),
-             ("fidelity check", "fidelity_s"), ("KD student + CE baseline", "students_s"), ("report + plots", "report_s")]
-    phase_table = markdown_table(
-        ["phase", "measured here, s", "slow machine before (issue #19), s", "slow machine now (derived), s"],
-        [[label, tm[k], SLOW[k], slow[k]] for label, k in names] + [["**total**", tm["total_s"], SLOW["total_s"], slow_total]])
+    phase_table, slow_total, keep_frac = _phase_table(tm, cost)
     speed_table = markdown_table(
         ["machine speed", "here", "slow machine (issue #19)"],
         [["single-thread fp32 matmul 512^3, GFLOP/s (before / after the demo)", f"{gflops:.1f} / {gflops_after:.1f}", "-"],

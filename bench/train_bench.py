@@ -210,7 +210,7 @@ def plot(results: dict[str, dict], stores: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--docs", type=int, default=5000, help="People's Daily train documents captured (~1 epoch)")
@@ -238,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.docs = min(args.steps, 10), min(args.docs, 300)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
     import torch
 
     if args.threads:

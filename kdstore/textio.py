@@ -7,8 +7,14 @@ dead letters. File-level problems (no file matches, unreadable file, a Parquet f
 without the text column) raise :class:`CorpusError` instead, since no per-record answer
 exists for them.
 
-Used by the Beam capture pipeline (one file per DoFn call) and by plain Python code (the
-plain-loop baseline, trainers) through :func:`iter_records`.
+This is the one reader of user files: the Beam capture pipeline (one file per DoFn call), the
+plain-loop baseline and every trainer (LM text sources, labelled classification files,
+teacher soft-label files) read through it. Callers that stop at the first bad record use
+:func:`keep_or_raise`: one rule, one message (``path:N: reason``) for every reader.
+
+Labels (``label_field``): an integer class id (not a bool, not a float; a string of digits
+reads as its integer), or with ``label_names`` a class name (any string, returned as it is;
+the caller maps names to ids).
 
 Remote files go through :mod:`kdstore.fs` (pyarrow filesystems: ``gs://``, ``s3://``,
 ``hdfs://``, or fsspec); ``.gz``/``.bz2``/``.zst`` text is decompressed by extension.
@@ -22,7 +28,7 @@ import io
 import json
 import os
 import posixpath
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 import pyarrow.fs as pafs
@@ -40,6 +46,14 @@ class CorpusError(ValueError):
     """A corpus file (not a single record) cannot be read; the message names the file and the fix."""
 
 
+class RecordError(CorpusError):
+    """A bad record where the caller asked to stop at the first one; the message is
+    ``path:N: reason`` and what to do."""
+
+
+BLANK = "empty line"  # the reason of a blank line: layout between records, never an error
+
+
 @dataclass(frozen=True)
 class Record:
     """One input sample.
@@ -53,7 +67,8 @@ class Record:
     sample_id: str
     source: str
     source_id: str | None = None
-    label: int | None = None
+    label: int | str | None = None
+    fields: dict[str, Any] | None = field(default=None, compare=False)  # ReaderSpec.extra_fields, raw
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,9 @@ class ReaderSpec:
     Parquet, anything else plain text, one sample per line), or one of text/jsonl/parquet.
     text_field / id_field / label_field: JSON keys or Parquet columns (ignored for text).
     num_classes: when set, a label outside ``[0, num_classes)`` is a dead letter.
+    label_names: string labels are class names (kept as str) instead of errors.
+    require_label: a record without a label is a dead letter.
+    extra_fields: further keys / columns handed back raw in ``Record.fields`` (checked by the caller).
     sample_id_field: a key/column that may carry the record's sample id as an earlier step
     wrote it; a record whose id differs from the content hash is a dead letter (so a label
     never travels with the wrong text).
@@ -91,6 +109,9 @@ class ReaderSpec:
     id_field: str | None = None
     label_field: str | None = None
     num_classes: int | None = None
+    label_names: bool = False
+    require_label: bool = False
+    extra_fields: tuple[str, ...] = ()
     sample_id_field: str | None = None
 
     def __post_init__(self) -> None:
@@ -191,29 +212,35 @@ def parse_text_line(raw: bytes, source: str) -> Parsed:
     if isinstance(text, DeadLetter):
         return text
     if not text.strip():
-        return DeadLetter(reason="empty line", source=source)
+        return DeadLetter(reason=BLANK, source=source)
     return Record(text=text, sample_id=_sample_id(text), source=source)
 
 
-def _label(value: Any, field: str, source: str, sid: str, num_classes: int | None = None) -> int | None | DeadLetter:
+def _label(value: Any, spec: ReaderSpec, source: str, sid: str) -> int | str | None | DeadLetter:
+    """The one label rule (see the module docstring). Booleans and floats are rejected: ``true``
+    or ``1.0`` is more often a mistake (a score, a flag) than a class id."""
+    field_ = spec.label_field
     if value is None:
+        if spec.require_label:
+            return DeadLetter(reason=f"missing label field {field_!r}", source=source, sample_id=sid)
         return None
-    if isinstance(value, bool):
-        out = int(value)
-    elif isinstance(value, int):
+    if isinstance(value, str) and value.strip() and spec.label_names:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
         out = value
-    elif isinstance(value, float) and value.is_integer():
-        out = int(value)
     elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
         out = int(value)
     else:
-        return DeadLetter(reason=f"label field {field!r} is not an integer class id: {value!r}", source=source, sample_id=sid)
-    if num_classes is not None and not 0 <= out < num_classes:
-        return DeadLetter(reason=f"bad label: {value!r} is not a class id in [0, {num_classes})", source=source, sample_id=sid)
+        kind = "an integer class id or a class name" if spec.label_names else "an integer class id"
+        return DeadLetter(reason=f"label field {field_!r} is not {kind}: {value!r:.60}", source=source, sample_id=sid)
+    if spec.num_classes is not None and not 0 <= out < spec.num_classes:
+        return DeadLetter(reason=f"bad label: {value!r} is not a class id in [0, {spec.num_classes})", source=source,
+                          sample_id=sid)
     return out
 
 
-def _record(text: Any, source_id: Any, label: Any, spec: ReaderSpec, source: str, given_id: Any = None) -> Parsed:
+def _record(text: Any, source_id: Any, label: Any, spec: ReaderSpec, source: str, given_id: Any = None,
+            extra: dict[str, Any] | None = None) -> Parsed:
     if text is None:
         return DeadLetter(reason=f"field {spec.text_field!r} is missing or null", source=source)
     if not isinstance(text, str):
@@ -227,10 +254,10 @@ def _record(text: Any, source_id: Any, label: Any, spec: ReaderSpec, source: str
     if given_id is not None and given_id != sid:
         return DeadLetter(reason=f"sample id mismatch: {given_id!r} is not the content hash {sid} of the text", source=source,
                           sample_id=sid)
-    lab = _label(label, spec.label_field or "", source, sid, spec.num_classes) if spec.label_field else None
+    lab = _label(label, spec, source, sid) if spec.label_field else None
     if isinstance(lab, DeadLetter):
         return lab
-    return Record(text=text, sample_id=sid, source=source, source_id=sid_src, label=lab)
+    return Record(text=text, sample_id=sid, source=source, source_id=sid_src, label=lab, fields=extra)
 
 
 def parse_json_line(raw: bytes, source: str, spec: ReaderSpec) -> Parsed:
@@ -239,7 +266,7 @@ def parse_json_line(raw: bytes, source: str, spec: ReaderSpec) -> Parsed:
     if isinstance(line, DeadLetter):
         return line
     if not line.strip():
-        return DeadLetter(reason="empty line", source=source)
+        return DeadLetter(reason=BLANK, source=source)
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -252,6 +279,7 @@ def parse_json_line(raw: bytes, source: str, spec: ReaderSpec) -> Parsed:
         obj[spec.text_field], obj.get(spec.id_field) if spec.id_field else None,
         obj.get(spec.label_field) if spec.label_field else None, spec, source,
         obj.get(spec.sample_id_field) if spec.sample_id_field else None,
+        {k: obj.get(k) for k in spec.extra_fields} if spec.extra_fields else None,
     )
 
 
@@ -265,9 +293,9 @@ def iter_parquet(path: str, spec: ReaderSpec, *, batch_rows: int = 8192) -> Iter
     except (OSError, ValueError) as exc:
         raise CorpusError(f"{path}: cannot read Parquet file ({exc})") from exc
     names = pf.schema_arrow.names
-    wanted = [c for c in (spec.text_field, spec.id_field, spec.label_field, spec.sample_id_field) if c]
+    wanted = [c for c in (spec.text_field, spec.id_field, spec.label_field, spec.sample_id_field, *spec.extra_fields) if c]
     missing = [c for c in wanted if c not in names]
-    if spec.text_field in missing or (spec.id_field and spec.id_field in missing):
+    if spec.text_field in missing or (spec.id_field and spec.id_field in missing) or set(spec.extra_fields) & set(missing):
         raise CorpusError(f"{path}: no column(s) {missing} (columns: {names}); pass --text-field/--id-field naming existing columns")
     cols = [c for c in dict.fromkeys(wanted) if c in names]
     row = 0
@@ -280,6 +308,7 @@ def iter_parquet(path: str, spec: ReaderSpec, *, batch_rows: int = 8192) -> Iter
                 data[spec.text_field][i], data[spec.id_field][i] if spec.id_field else None,
                 data[spec.label_field][i] if spec.label_field in data else None, spec, source,
                 data[spec.sample_id_field][i] if spec.sample_id_field in data else None,
+                {k: data[k][i] for k in spec.extra_fields} if spec.extra_fields else None,
             )
 
 
@@ -350,3 +379,14 @@ def dedupe(records: Iterable[Record]) -> tuple[list[Record], list[DeadLetter], i
             kept.append(first)
             merged += len(group) - 1
     return kept, dead, merged
+
+
+def keep_or_raise(item: DeadLetter, dead: list[DeadLetter], *, on_error: str, hint: str = "") -> None:
+    """The error rule of callers that may stop at the first bad record: ``on_error="skip"``
+    keeps ``item`` in ``dead``; ``"raise"`` raises :class:`RecordError` ``path:N: reason`` (plus
+    ``hint``, what to do). Blank lines are kept and never raise: they are layout, not records."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_error == "raise" and item.reason != BLANK:
+        raise RecordError(f"{item.source}: {item.reason}" + (f" ({hint})" if hint else ""))
+    dead.append(item)

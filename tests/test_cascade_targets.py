@@ -155,15 +155,35 @@ def test_teacher_table_errors_name_the_sample():
 
 
 # -- loss ------------------------------------------------------------------------------------------------
-def test_sparse_kl_full_distribution_matches_tempered_softmax_kl():
+def test_sparse_kl_full_distribution_matches_softmax_kl_with_stored_targets_as_they_are():
+    # Stored targets carry the capture temperature and are never re-tempered; only the student is.
     torch.manual_seed(0)
     zt, zs = torch.randn(4, 5), torch.randn(4, 5)
     temp = 2.5
-    q = torch.softmax(zt, -1)
+    q = torch.softmax(zt / temp, -1)  # what a capture at T = 2.5 stores
     got = T.sparse_kl(zs, q, torch.ones(4, 5, dtype=torch.bool), torch.zeros(4), temperature=temp)
-    qt, logps = torch.softmax(zt / temp, -1), torch.log_softmax(zs / temp, -1)
-    want = (qt * (qt.log() - logps)).sum(-1)
+    logps = torch.log_softmax(zs / temp, -1)
+    want = (q * (q.log() - logps)).sum(-1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cascade_kd_term_is_the_core_sparse_kd_loss():
+    from trainer.core.losses import sparse_kd_loss
+
+    torch.manual_seed(1)
+    logits = torch.randn(6, 4)
+    probs = torch.softmax(torch.randn(6, 4), -1)
+    kept = torch.tensor([[True, True, False, True]] * 3 + [[True] * 4] * 3)
+    tail = torch.where(kept.all(-1), 0.0, (probs * ~kept).sum(-1))
+    probs = probs * kept
+    source = torch.tensor([T.SOURCE_A, T.SOURCE_B, T.SOURCE_GOLD, T.SOURCE_A, T.SOURCE_B, T.SOURCE_A])
+    w = T.LossWeights(gold=0.0, target=1.0, optimized=1.0, temperature=3.0)
+    loss, parts = T.cascade_loss(logits, torch.full((6,), -100), source, probs, kept, tail, weights=w)
+    idx = torch.arange(4).expand(6, 4)
+    core = sparse_kd_loss(logits, idx, probs, tail, source != T.SOURCE_GOLD, temperature=3.0, reduction="sum")
+    assert float(loss) == pytest.approx(float(core) / 6, rel=1e-6)
+    mean_kl = sparse_kd_loss(logits, idx, probs, tail, source != T.SOURCE_GOLD, temperature=3.0) / 9.0
+    assert parts["kl"] == pytest.approx(float(mean_kl), rel=1e-6)
 
 
 def test_sparse_kl_tail_bucket_hand_computed():
@@ -202,11 +222,11 @@ def test_cascade_loss_hand_computed_per_source_weights():
             + 0.5 * ce(rows[2], 1)) / 3
     assert float(loss) == pytest.approx(want, rel=1e-5)
     assert parts["kl"] == pytest.approx((kl([0.8, 0.2], rows[0]) + kl([0.3, 0.7], rows[1])) / 2, rel=1e-5)
-    # Temperature scales KD terms by T^2 and softens both sides.
+    # Temperature scales KD terms by T^2 and softens the student only: the stored [0.8, 0.2]
+    # already carries the capture temperature.
     w2 = T.LossWeights(gold=0.0, target=1.0, optimized=1.0, temperature=2.0)
     loss2, _ = T.cascade_loss(logits[:1], labels[:1], source[:1], probs[:1], kept[:1], torch.zeros(1), weights=w2)
-    q2 = torch.softmax(torch.tensor([0.8, 0.2]).log() / 2, -1).tolist()
-    assert float(loss2) == pytest.approx(4 * kl(q2, [v / 2 for v in rows[0]]), rel=1e-5)
+    assert float(loss2) == pytest.approx(4 * kl([0.8, 0.2], [v / 2 for v in rows[0]]), rel=1e-5)
     # Unlabelled samples (-100) get no CE term.
     loss3, _ = T.cascade_loss(logits[2:], torch.tensor([-100]), source[2:], probs[2:], kept[2:], torch.zeros(1), weights=w)
     assert float(loss3) == 0.0
@@ -218,7 +238,7 @@ def test_overrides_types_and_unknown_keys():
     assert (cfg.threshold, cfg.a_max_steps, cfg.c_teachers, cfg.c_cnn_kernels) == (0.8, 12, "gold", "2,3")
     with pytest.raises(ValueError, match="did you mean threshold"):
         apply_overrides(CascadeConfig(), ["treshold=0.3"])
-    with pytest.raises(ValueError, match="a_max_steps='x': expected a int"):
+    with pytest.raises(ValueError, match="a_max_steps='x': expected int"):
         apply_overrides(CascadeConfig(), ["a_max_steps=x"])
     with pytest.raises(ValueError, match="c_teachers"):
         apply_overrides(CascadeConfig(), ["c_teachers=b"])

@@ -58,6 +58,32 @@ def test_temperature_divides_student_logits_and_scales_by_t_squared():
     assert got_dense.item() == pytest.approx(4 * dense_t1, abs=1e-5)
 
 
+def test_stored_targets_are_not_re_tempered():
+    # The stored [0.5, 0.3 | tail 0.2] is the target at any T; only the student is divided by T.
+    # Logits 2*ln(1..4) at T=2 give the student q = [0.1, 0.2, 0.3, 0.4] again, so the value is
+    # T^2 * FWD; a re-tempered target (p^(1/T) renormalised over kept + tail) would give a different one.
+    got = sparse_kd_loss(2 * LOGITS, IDX, P, TAIL, MASK, temperature=2.0)
+    assert got.item() == pytest.approx(4 * FWD, abs=1e-5)
+    rt = [math.sqrt(v) for v in (0.5, 0.3, 0.2)]
+    rt = [v / sum(rt) for v in rt]
+    re_tempered = 4 * (rt[0] * math.log(rt[0] / 0.4) + rt[1] * math.log(rt[1] / 0.3) + rt[2] * math.log(rt[2] / 0.3))
+    assert abs(got.item() - re_tempered) > 1e-2
+
+
+def test_reduction_none_gives_per_position_values_zero_outside_the_mask():
+    # Position 0: the hand-computed FWD; position 1 (masked out): 0; position 2: a one-kept-class
+    # target [1.0], tail 0, against q = [0.1, 0.2, 0.3, 0.4]: -log 0.1 ... times T^2 = 1.
+    logits = LOGITS.expand(1, 3, 4)
+    idx = torch.tensor([[[3, 2], [3, 2], [0, 1]]])
+    p = torch.tensor([[[0.5, 0.3], [0.5, 0.3], [1.0, 0.0]]])
+    tail = torch.tensor([[0.2, 0.2, 0.0]])
+    mask = torch.tensor([[True, False, True]])
+    got = sparse_kd_loss(logits, idx, p, tail, mask, reduction="none")
+    assert got.shape == (1, 3)
+    torch.testing.assert_close(got, torch.tensor([[FWD, 0.0, -math.log(0.1)]]), rtol=1e-5, atol=1e-6)
+    assert float(got.sum()) == pytest.approx(float(sparse_kd_loss(logits, idx, p, tail, mask, reduction="sum")), rel=1e-6)
+
+
 def test_ce_and_mix_hand_computed():
     labels = torch.tensor([[2]])
     ce = ce_loss(LOGITS, labels)

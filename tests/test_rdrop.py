@@ -148,13 +148,13 @@ def test_user_jsonl_errors_name_file_and_line_and_skip_keeps_counts(tmp_path):
     lines[7] = json.dumps({"text": "", "label": "neg"})
     lines[11] = json.dumps({"text": "不错", "label": 1.5})
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"d\.jsonl, line 4: invalid JSON"):
+    with pytest.raises(DataError, match=r"d\.jsonl:4: malformed JSON"):
         read_labeled_file(path)
     examples, rejects, read, names = read_labeled_file(path, on_error="skip")
     assert names == ("neg", "pos")
     assert read == 20 and len(examples) == 17 and len(examples) + len(rejects) == read
-    assert [r.position for r in rejects] == ["line 4", "line 8", "line 12"]
-    assert "must be a non-empty string" in rejects[1].reason
+    assert [r.source for r in rejects] == [f"{path}:4", f"{path}:8", f"{path}:12"]
+    assert rejects[1].reason == "empty text" and "not an integer class id or a class name: 1.5" in rejects[2].reason
     assert examples[0].label == 1 and examples[0].sample_id == sample_id(recs[0]["text"])
 
 
@@ -162,7 +162,7 @@ def test_gold_words_field_is_checked_against_the_text(tmp_path):
     path = tmp_path / "g.jsonl"
     _write_jsonl(path, [{"text": "南京市长江大桥", "label": 1, "words": ["南京", "市", "长江", "大桥"]},
                         {"text": "好书", "label": 0, "words": ["好", "书本"]}])
-    with pytest.raises(DataError, match=r"g\.jsonl, line 2: field 'words' must be a list of non-empty strings"):
+    with pytest.raises(DataError, match=r"g\.jsonl:2: field 'words' must be a list of non-empty strings"):
         read_labeled_file(path, words_field="words")
     examples, rejects, _, names = read_labeled_file(path, words_field="words", on_error="skip")
     assert examples[0].words == ("南京", "市", "长江", "大桥") and names == ("0", "1") and len(rejects) == 1
@@ -174,11 +174,11 @@ def test_user_parquet_and_held_out_labels(tmp_path):
 
     pq.write_table(pa.table({"review": ["好的", "差评", "还行"], "y": ["pos", "neg", "meh"]}), tmp_path / "t.parquet")
     _write_jsonl(tmp_path / "v.jsonl", [{"review": "好", "y": "pos"}, {"review": "怪", "y": "weird"}])
-    with pytest.raises(DataError, match=r"v\.jsonl, line 2: label 'weird' is not one of the training labels"):
+    with pytest.raises(DataError, match=r"v\.jsonl:2: label 'weird' is not one of the training labels"):
         load_classification_data(str(tmp_path / "t.parquet"), eval_source=str(tmp_path / "v.jsonl"),
                                  text_field="review", label_field="y")
     pq.write_table(pa.table({"review": ["好的", None], "y": ["pos", "neg"]}), tmp_path / "bad.parquet")
-    with pytest.raises(DataError, match=r"bad\.parquet, row 1: field 'review' must be a non-empty string"):
+    with pytest.raises(DataError, match=r"bad\.parquet:2: field 'review' is missing or null"):
         read_labeled_file(tmp_path / "bad.parquet", text_field="review", label_field="y")
     data = load_classification_data(str(tmp_path / "t.parquet"), text_field="review", label_field="y")
     assert data.label_names == ("meh", "neg", "pos")
@@ -193,7 +193,7 @@ def test_teacher_probs_jsonl_adapter(tmp_path):
     torch.testing.assert_close(probs, torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.1, 0.9]]))
     assert mask.tolist() == [True, False, True]
     _write_jsonl(path, [{"text": "好", "probs": [0.1, 0.9]}, {"text": "差", "probs": [0.7, 0.7]}])
-    with pytest.raises(DataError, match=r"t\.jsonl, line 2"):
+    with pytest.raises(DataError, match=r"t\.jsonl:2"):
         load_teacher_probs_jsonl(path, num_classes=2)
     with pytest.raises(ValueError, match="need 3 non-negative values"):
         TeacherProbs(probs={"a": [0.5, 0.5]}, num_classes=3)
@@ -235,7 +235,7 @@ def test_cli_reports_bad_data_with_file_and_line(tmp_path, capsys):
     _write_jsonl(tmp_path / "d.jsonl", recs[:5] + [{"txt": "x", "label": "pos"}] + recs[5:])
     rc = main([f"data={tmp_path / 'd.jsonl'}", "steps=1", f"out_dir={tmp_path / 'run'}", "progress=false"])
     assert rc == 2
-    assert "d.jsonl, line 6: field 'text' must be a non-empty string" in capsys.readouterr().err
+    assert "d.jsonl:6: missing field 'text'" in capsys.readouterr().err
 
 
 def test_teacher_soft_labels_drive_training(tmp_path):

@@ -33,7 +33,7 @@ def _log_steps(log, steps):
 def test_records_become_scalars_next_to_metrics_jsonl(tmp_path):
     cfg = apply_overrides(TrainConfig(store="x"), ["tensorboard=true"])
     assert cfg.tensorboard is True
-    log = RunLog(tmp_path, _dist(), cfg, resume_step=None)
+    log = RunLog(tmp_path / "metrics.jsonl", resume_step=None, tensorboard=cfg.tensorboard)
     _log_steps(log, [1, 2, 3])
     log.eval(3, {"ce": 2.5, "ppl": math.exp(2.5), "kl_kind": "forward", "kl": 0.25, "tokens": 10}, None)
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -48,10 +48,10 @@ def test_records_become_scalars_next_to_metrics_jsonl(tmp_path):
 
 def test_resume_purges_events_after_the_checkpoint(tmp_path):
     cfg = TrainConfig(store="x", tensorboard=True)
-    log = RunLog(tmp_path, _dist(), cfg, resume_step=None)
+    log = RunLog(tmp_path / "metrics.jsonl", resume_step=None, tensorboard=cfg.tensorboard)
     _log_steps(log, [1, 2, 3, 4])
     log._tb.close()
-    log = RunLog(tmp_path, _dist(), cfg, resume_step=2)  # resumed from the step-2 checkpoint
+    log = RunLog(tmp_path / "metrics.jsonl", resume_step=2, tensorboard=cfg.tensorboard)  # resumed from the step-2 checkpoint
     _log_steps(log, [3, 4])
     log._tb.close()
     steps = [s for s, _ in _scalars(tmp_path / "tensorboard")["train/loss"]]
@@ -59,5 +59,5 @@ def test_resume_purges_events_after_the_checkpoint(tmp_path):
 
 
 def test_off_by_default_writes_nothing(tmp_path):
-    RunLog(tmp_path, _dist(), TrainConfig(store="x"), resume_step=None).train(1, {"loss": [1.0]}, world=1)
+    RunLog(tmp_path / "metrics.jsonl", tensorboard=TrainConfig(store="x").tensorboard).train(1, {"loss": [1.0]}, world=1)
     assert not (tmp_path / "tensorboard").exists()

@@ -44,7 +44,8 @@ def test_jsonl_fields_ids_labels_and_faults(tmp_path):
     rows += [
         "{not json", "[1, 2]", json.dumps({"body": "x", "id": "a"}), json.dumps({"text": 5, "id": "b"}),
         json.dumps({"text": "ok", "y": 1}), json.dumps({"text": "fine", "id": "c", "y": "positive"}),
-        json.dumps({"text": "  ", "id": "d"}), json.dumps({"text": "好", "id": 7, "y": True}),
+        json.dumps({"text": "  ", "id": "d"}), json.dumps({"text": "好", "id": 7, "y": "1"}),
+        json.dumps({"text": "真", "id": 8, "y": True}), json.dumps({"text": "假", "id": 9, "y": 1.0}),
     ]
     p = tmp_path / "data.jsonl"
     p.write_text("\n".join(rows) + "\n", encoding="utf-8")
@@ -64,6 +65,11 @@ def test_jsonl_fields_ids_labels_and_faults(tmp_path):
     assert reasons["9"] == "missing id field 'id'"
     assert "not an integer class id" in reasons["10"] and items[9].sample_id == sample_id("fine", "c")
     assert reasons["11"] == "empty text"
+    # One label rule for every reader: a string of digits is its id; booleans and floats are rejected.
+    assert reasons["13"] == "label field 'y' is not an integer class id: True"
+    assert reasons["14"] == "label field 'y' is not an integer class id: 1.0"
+    named = list(iter_records(str(p), ReaderSpec(text_field="text", id_field="id", label_field="y", label_names=True)))
+    assert named[9].label == "positive" and named[11].label == "1"
 
 
 def test_parquet_column_nulls_and_missing_column(tmp_path, lines):

@@ -13,7 +13,7 @@ import torch
 from trainer.core import checkpoint as ck
 from trainer.core.config import TrainConfig, apply_overrides, format_config, from_dict, to_dict
 from trainer.lm.models import PRESETS, build_causal_lm, count_parameters, model_spec, padded_vocab, resize_vocab, vocab_size_of
-from trainer.lm.student import _lr_lambda
+from trainer.core.schedule import lr_schedule
 from trainer.lm.textdata import TextBatches, collate_windows, document_windows, load_texts, packed_windows
 
 
@@ -170,9 +170,18 @@ def test_checkpoint_keep_latest_resume_and_corrupt_file(tmp_path):
         ck.load_checkpoint(tmp_path / "empty")
 
 
+def _lr_lambda(cfg: TrainConfig):
+    """The LM loop's schedule (trainer.core.schedule, transformers' cosine with a floor) as f(step)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_schedule(opt, shape="cosine", warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
+                        min_lr_ratio=cfg.min_lr_ratio)
+    return sched.lr_lambdas[0]
+
+
 def test_warmup_cosine_schedule():
     f = _lr_lambda(TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1))
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    # transformers' warm-up starts from 0 (step s gets s / warmup_steps; the hand-written one gave (s + 1) / warmup).
+    assert f(0) == pytest.approx(0.0) and f(9) == pytest.approx(0.9)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) - 1e-12 for s in range(10, 110))
     assert math.isclose(_lr_lambda(TrainConfig(max_steps=5, warmup_steps=0))(0), 1.0)

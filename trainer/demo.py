@@ -98,18 +98,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _capture(cfg, teacher_dir, corpus, store_uri)
     timings["capture_s"] = time.perf_counter() - t
 
-    import kdstore  # noqa: PLC0415
-    from kdstore.tools import summarize, verify_store  # noqa: PLC0415
-
-    store = kdstore.open(store_uri)
-    problems = verify_store(store)
-    if problems:
-        raise RuntimeError("the captured store does not verify:\n  " + "\n  ".join(problems))
-    summary = summarize(store)
+    store, summary = _verified_store(store_uri)
     m = store.manifest
-    print(f"store: {m.totals['rows']} windows, {m.totals['tokens']:,} tokens, {m.totals['bytes']:,} bytes in "
-          f"{len(m.shards)} shard(s); {m.totals['bytes'] / max(1, m.totals['tokens']):.1f} B/token, "
-          f"{m.totals['dead_letters']} dead letter(s); verify: OK")
 
     t = _section("4/6 fidelity: stored soft labels vs the teacher's full distributions")
     fidelity = store_fidelity(store, teacher_dir, windows=cfg.fidelity_windows)
@@ -171,6 +161,22 @@ def _teacher(cfg: DemoConfig, cache: Path) -> Path:
               f"{'==' if cmp['identical'] else '!='} {cmp['expected_digest']} "
               f"({'bit for bit' if cmp['identical'] else 'NOT identical: ' + (artifact.reproducibility_gap(artifact.artifact_info(shipped)) or 'see docs/benchmarks.md, teacher rebuild')})")
     return path
+
+
+def _verified_store(store_uri: str) -> tuple[Any, dict[str, Any]]:
+    """Open the captured store, verify it (raise on any problem) and print its totals."""
+    import kdstore  # noqa: PLC0415
+    from kdstore.tools import summarize, verify_store  # noqa: PLC0415
+
+    store = kdstore.open(store_uri)
+    problems = verify_store(store)
+    if problems:
+        raise RuntimeError("the captured store does not verify:\n  " + "\n  ".join(problems))
+    m = store.manifest
+    print(f"store: {m.totals['rows']} windows, {m.totals['tokens']:,} tokens, {m.totals['bytes']:,} bytes in "
+          f"{len(m.shards)} shard(s); {m.totals['bytes'] / max(1, m.totals['tokens']):.1f} B/token, "
+          f"{m.totals['dead_letters']} dead letter(s); verify: OK")
+    return store, summarize(store)
 
 
 def _capture(cfg: DemoConfig, teacher_dir: Path, corpus: Path, store_uri: str) -> None:

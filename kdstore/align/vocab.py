@@ -46,6 +46,17 @@ FILE_FORMAT = "kdstore.alignment"
 FILE_VERSION = 1
 
 
+def _csr(targets: list[list[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-teacher-id ``(aligned id, weight)`` lists as CSR arrays: ``ptr [V+1]``, ``col``, ``weight``."""
+    V = len(targets)
+    lengths = np.fromiter((len(x) for x in targets), dtype=np.int64, count=V)
+    ptr = np.zeros(V + 1, dtype=np.int64)
+    np.cumsum(lengths, out=ptr[1:])
+    col = np.fromiter((a for x in targets for a, _ in x), dtype=np.int64, count=int(ptr[-1]))
+    weight = np.fromiter((w for x in targets for _, w in x), dtype=np.float32, count=int(ptr[-1]))
+    return ptr, col, weight
+
+
 @dataclass
 class VocabAlignment:
     """Teacher -> aligned vocabulary map; implements the dataset ``remap`` protocol.
@@ -112,16 +123,16 @@ class VocabAlignment:
         targets: list[list[tuple[int, float]]] = [[] for _ in range(V)]
         input_map = np.full(V, fallback, dtype=np.int64)
         new_tokens: list[dict[str, Any]] = []
-        n_fallback_inputs = 0
+        n_fallback_inputs = 0  # teacher ids whose input falls back to the student's unk/pad id
         for t in range(V):
             rule = rules[t]
             if rule in MATCH_RULES:
                 targets[t] = [(matched[t], 1.0)]
                 input_map[t] = matched[t]
                 continue
-            pcs = pieces.get(t, [])
             if rule == "padding":
                 continue
+            pcs = pieces.get(t, [])
             if policy == "extend" and (used is None or used[t]):
                 aid = s_size + len(new_tokens)
                 new_tokens.append({"aligned_id": aid, "teacher_id": t, "token": tv.tokens[t], "pieces": list(pcs)})
@@ -142,18 +153,13 @@ class VocabAlignment:
                 rules[t] = "split"
                 ids, cnt = np.unique(np.asarray(pcs, dtype=np.int64), return_counts=True)
                 targets[t] = [(int(i), float(c) / len(pcs)) for i, c in zip(ids, cnt)]
-        lengths = np.fromiter((len(x) for x in targets), dtype=np.int64, count=V)
-        ptr = np.zeros(V + 1, dtype=np.int64)
-        np.cumsum(lengths, out=ptr[1:])
-        col = np.fromiter((a for x in targets for a, _ in x), dtype=np.int64, count=int(ptr[-1]))
-        weight = np.fromiter((w for x in targets for _, w in x), dtype=np.float32, count=int(ptr[-1]))
+        ptr, col, weight = _csr(targets)
         meta = {
             "teacher": {"name": tv.name, "vocab_size": V, "rows": len(tv.tokens), "convention": tv.convention,
                         "fingerprint": tv.fingerprint},
             "student": {"name": st.name, "vocab_size": st.vocab_size, "convention": st.convention,
                         "fingerprint": st.fingerprint},
-            "inputs_without_piece": n_fallback_inputs,
-            "input_fallback_id": int(fallback),
+            "inputs_without_piece": n_fallback_inputs, "input_fallback_id": int(fallback),
         }
         return cls(
             policy=policy, vocab_size=s_size + len(new_tokens), student_vocab_size=s_size,

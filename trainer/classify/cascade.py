@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,8 +43,13 @@ from kdstore.hashing import sample_id as content_id
 from kdstore.textio import Record, dedupe
 from trainer.classify import cascade_targets as T
 from trainer.classify.cascade_config import CascadeConfig, apply_overrides
-from trainer.classify.cascade_train import Encoded, encode_texts, evaluate, fit, plot_curves, plot_scores, throughput
-from trainer.classify.classifiers import TextClassifier, build_classifier, count_parameters
+from trainer.classify.cascade_summary import format_summary, summarize
+from trainer.classify.cascade_train import Encoded, encode_texts, evaluate, plot_scores, throughput
+from trainer.classify.classifiers import TextClassifier, build_classifier, count_parameters, pad_batch
+from trainer.classify.loop import train_classifier
+from trainer.core.config import to_dict
+from trainer.core.runlog import RunLog
+from trainer.core.runtime import resolve_device
 from trainer.classify.segment import SegmentationSampler, Vocab
 
 STAGES = ("a", "b", "c", "all")
@@ -218,13 +223,11 @@ def _data_step(run: _Run) -> tuple[CascadeData, dict]:
 
 # -- model steps ----------------------------------------------------------------------------------
 def _device(cfg: CascadeConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+    return str(resolve_device(cfg.device))
 
 
 def _model_keys(stage: str) -> list[str]:
-    keys = [f.name for f in fields(CascadeConfig) if f.name.startswith(f"{stage}_") and f.name != "c_out"]
+    keys = [k for k in to_dict(CascadeConfig()) if k.startswith(f"{stage}_") and k != "c_out"]
     return keys + ["seed", "weight_decay", "warmup", "min_delta"]
 
 
@@ -236,9 +239,18 @@ def _train_and_save(run: _Run, stage: str, step: str, data: CascadeData, train_r
     val, test = data.encode(data.validation, cfg), data.encode(data.test, cfg)
     mcfg = cfg.model_config(stage, vocab_size=len(data.vocab), num_classes=len(data.label_names))
     torch.manual_seed(cfg.seed + seed_offset)
-    model = build_classifier(mcfg)
-    res = fit(model, train, val, cfg.fit_spec(stage, seed_offset=seed_offset), loss_fn_factory(train), device=dev,
-              desc=f"stage {stage}", progress=run.progress)
+    model = build_classifier(mcfg).to(dev)
+    torch.manual_seed(cfg.seed + seed_offset)  # dropout draws independent of the architecture's init
+    batch_loss = loss_fn_factory(train)
+
+    def loss_fn(rows: list[int]) -> tuple[torch.Tensor, dict]:
+        ids, mask = pad_batch([train.ids[i] for i in rows], pad_id=0)
+        return batch_loss(model(ids.to(dev), mask.to(dev)), rows)
+
+    log = RunLog(out / "metrics.jsonl")
+    res = train_classifier(model, spec=cfg.loop_spec(stage, seed_offset=seed_offset, device=dev, progress=run.progress),
+                           lengths=[len(r) for r in train.ids], loss_fn=loss_fn, log=log,
+                           evaluate=(lambda: evaluate(model, val, device=dev)) if len(val) else None)
     params = count_parameters(model)
     metrics = {
         "arch": mcfg.arch, "parameters": params, "train_samples": len(train), "steps": res.steps,
@@ -248,8 +260,8 @@ def _train_and_save(run: _Run, stage: str, step: str, data: CascadeData, train_r
     }
     TextClassifier(model=model.cpu(), config=mcfg, vocab=data.vocab, segmentation=cfg.segmentation, max_len=cfg.max_len,
                    label_names=tuple(data.label_names)).save(out, extra={"num_parameters": params, "stage": stage})
-    (out / "history.json").write_text(json.dumps(res.history, indent=1), encoding="utf-8")
-    plot_curves(res.history, out / "curve.png", title=f"stage {stage}: {mcfg.arch}, {len(train)} samples")
+    log.plot(out / "curve.png", train_keys=("loss",), eval_keys=(("loss", "validation CE"), ("acc", "validation accuracy")),
+             title=f"stage {stage}: {mcfg.arch}, {len(train)} samples")
     return metrics
 
 
@@ -270,13 +282,13 @@ def _capture_step(run: _Run, step: str, model_step: str, inputs: Path) -> dict:
     argv = ["--teacher", str(run.path(model_step)), "--teacher-kind", "classifier-bundle", "--input", str(inputs),
             "--output", str(out), "--label-field", "label", "--sample-id-field", "sample_id", "--quant-bits", str(cfg.capture_bits),
             "--max-length", str(cfg.max_len), "--batch-tokens", str(cfg.capture_batch_size * cfg.max_len), "--device", _device(cfg),
-            "--no-store-text", "--overwrite", "--no-progress", *(["--k", str(cfg.capture_k)] if cfg.capture_k > 0 else []),
+            "--temperature", str(cfg.capture_temperature), "--no-store-text", "--overwrite", "--no-progress", *(["--k", str(cfg.capture_k)] if cfg.capture_k > 0 else []),
             *cfg.capture_beam_args.split()]  # --k absent: every class
     return {"store": str(out), **capture_run(argv, save_main_session=False)["totals"]}
 
 
 # -- stages ---------------------------------------------------------------------------------------
-_CAPTURE_KEYS = ["capture_k", "capture_bits"]
+_CAPTURE_KEYS = ["capture_k", "capture_bits", "capture_temperature"]
 
 
 def _step(run: _Run, step: str, keys: Sequence[str], upstream: Sequence[str], *, stage: str, want: bool, force: bool,
@@ -369,8 +381,9 @@ def _stage_c(run: _Run, data: CascadeData, *, force: bool) -> None:
 
     def work() -> dict:
         table = teacher_table(run.root, data.train, teachers=cfg.c_teachers, num_classes=len(data.label_names))
+        # The student is tempered by the stores' capture temperature; the stored targets are not.
         weights = T.LossWeights(gold=cfg.c_w_gold, target=cfg.c_w_target, optimized=cfg.c_w_optimized,
-                                temperature=cfg.c_temperature)
+                                temperature=table.temperature)
 
         def loss_factory(train: Encoded) -> Callable:
             def loss(logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, dict]:
@@ -388,57 +401,6 @@ def _stage_c(run: _Run, data: CascadeData, *, force: bool) -> None:
     _step(run, step, _model_keys("c"), up, stage="c", want=True, force=force, work=work)
 
 
-# -- summary --------------------------------------------------------------------------------------
-def summarize(run_dir: str | Path, *, c_out: str = "c") -> dict[str, Any]:
-    """Stage sizes and metrics from the step records of a run directory."""
-    root = Path(run_dir)
-
-    def rec(step: str) -> dict:
-        p = root / f"{step}.step.json"
-        return json.loads(p.read_text(encoding="utf-8"))["metrics"] if p.exists() else {}
-
-    s: dict[str, Any] = {"run_dir": str(root), "data": rec("data"), "a": rec("a/model"), "a_store": rec("a/store"),
-                         "split": rec("a/split"), "b": rec("b/model"), "b_store": rec("b/store"), "c": rec(f"{c_out}/model")}
-    a, c = s["a"], s["c"]
-    if a.get("parameters") and c.get("parameters"):
-        s["c_vs_a"] = {"parameter_ratio": c["parameters"] / a["parameters"],
-                       "throughput_ratio": c["test_samples_per_s"] / max(a["test_samples_per_s"], 1e-9),
-                       "test_acc_delta": c["test"]["acc"] - a["test"]["acc"]}
-    return s
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """The summary as a fixed-width text table (printed by the CLI)."""
-    head = f"{'stage':<6}{'model':<13}{'params':>10}{'train n':>9}{'steps':>7}{'val acc':>9}{'test acc':>9}{'test F1':>9}{'samples/s':>11}"
-    lines = [head, "-" * len(head)]
-    for name in ("a", "b", "c"):
-        m = s.get(name) or {}
-        if not m or "arch" not in m:
-            note = m.get("skipped", "not run") if m else "not run"
-            lines.append(f"{name:<6}{note}")
-            continue
-        lines.append(f"{name:<6}{m['arch']:<13}{m['parameters']:>10,}{m['train_samples']:>9}{m['steps']:>7}"
-                     f"{m['validation']['acc']:>9.4f}{m['test']['acc']:>9.4f}{m['test']['macro_f1']:>9.4f}{m['test_samples_per_s']:>11,.0f}")
-    dm = s.get("data") or {}
-    if dm:
-        lines.append(f"data: {dm['train_used']} training samples ({dm['train_duplicates_merged']} duplicates merged, "
-                     f"{dm['train_rejected_conflicting']} with conflicting labels left out, {dm['train_left_out_by_limit']} "
-                     f"beyond train_limit), {dm['validation']} validation, {dm['test']} test")
-    sp = s.get("split") or {}
-    if sp:
-        lines.append(f"split: {sp['samples']} samples, {sp['target']} target / {sp['substandard']} substandard "
-                     f"({sp['substandard_share']:.1%}) at {sp['metric']} >= {sp['threshold']:g}")
-    bs = s.get("b_store") or {}
-    if "teacher_accuracy" in bs:
-        lines.append(f"B's optimized labels on the substandard samples: argmax = gold on {bs['teacher_accuracy']:.1%}, "
-                     f"mean p(gold) {bs['mean_gold_prob']:.3f}")
-    if s.get("c_vs_a"):
-        r = s["c_vs_a"]
-        lines.append(f"C vs A: {r['parameter_ratio']:.3f}x parameters, {r['throughput_ratio']:.1f}x throughput, "
-                     f"test accuracy {r['test_acc_delta']:+.4f}")
-    return "\n".join(lines)
-
-
 # -- entry points ---------------------------------------------------------------------------------
 def run_cascade(cfg: CascadeConfig, *, stage: str = "all", force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the requested stage(s) (skipping up-to-date steps); returns the summary."""
@@ -446,7 +408,7 @@ def run_cascade(cfg: CascadeConfig, *, stage: str = "all", force: bool = False, 
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps(asdict(cfg), indent=2, ensure_ascii=False), encoding="utf-8")
+    (root / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False), encoding="utf-8")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     run = _Run(cfg, progress=progress)
@@ -490,7 +452,7 @@ def main(argv: list[str] | None = None, prog: str = "kd train cascade") -> int:
     except (ValueError, OSError) as exc:
         ap.error(str(exc))
     if ns.print_config:
-        print(json.dumps(asdict(cfg), indent=2, ensure_ascii=False))
+        print(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
         return 0
     try:
         summary = run_cascade(cfg, stage=ns.stage, force=ns.force, progress=ns.progress)

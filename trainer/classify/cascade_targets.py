@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from kdstore.dataset import IGNORE_INDEX, SoftLabelDataset
 from kdstore.store import Store, open as open_store
+from trainer.core.losses import sparse_kd_loss
 
 SOURCE_GOLD, SOURCE_A, SOURCE_B = 0, 1, 2
 SOURCE_NAMES = {SOURCE_GOLD: "gold", SOURCE_A: "a", SOURCE_B: "b"}
@@ -40,7 +41,8 @@ class StoreTargets:
 
     sample_ids: N ids in store order; probs ``[N, C]`` float32 (0 where not kept);
     kept ``[N, C]`` bool (the class is among the stored entries); tail ``[N]`` float32 (mass of
-    the classes not kept); labels ``[N]`` int64 (-100 where the store has no label).
+    the classes not kept); labels ``[N]`` int64 (-100 where the store has no label);
+    temperature: the store's capture temperature (its probabilities are at that temperature).
     """
 
     sample_ids: list[str]
@@ -48,6 +50,7 @@ class StoreTargets:
     kept: torch.Tensor
     tail: torch.Tensor
     labels: torch.Tensor
+    temperature: float = 1.0  # the capture temperature the probabilities carry (manifest)
 
     def index(self) -> dict[str, int]:
         return {s: i for i, s in enumerate(self.sample_ids)}
@@ -86,7 +89,7 @@ def read_store_targets(store: Store | str, *, batch_size: int = 4096) -> StoreTa
     cat = (lambda xs, shape: torch.cat(xs) if xs else torch.zeros(shape))
     return StoreTargets(
         sample_ids=ids, probs=cat(probs, (0, c)), kept=cat(kept, (0, c)).bool(), tail=cat(tails, (0,)),
-        labels=cat(labels, (0,)).long(),
+        labels=cat(labels, (0,)).long(), temperature=float(store.manifest.selection.temperature),
     )
 
 
@@ -187,7 +190,8 @@ def split_by_threshold(t: StoreTargets, *, threshold: float, metric: str = "gold
 class TeacherTable:
     """The student's teacher distribution per training sample, looked up by sample id.
 
-    source ``[N]`` int64 (``SOURCE_*``); probs ``[N, C]``; kept ``[N, C]``; tail ``[N]``.
+    source ``[N]`` int64 (``SOURCE_*``); probs ``[N, C]``; kept ``[N, C]``; tail ``[N]``;
+    temperature: the teacher stores' capture temperature, at which the student is tempered.
     Rows with ``SOURCE_GOLD`` are all zeros and never enter the KD term.
     """
 
@@ -196,6 +200,7 @@ class TeacherTable:
     probs: torch.Tensor
     kept: torch.Tensor
     tail: torch.Tensor
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self._index = {s: i for i, s in enumerate(self.sample_ids)}
@@ -249,6 +254,9 @@ def build_teacher_table(
         return TeacherTable(sample_ids=list(sample_ids), source=source, probs=probs, kept=kept, tail=tail)
     if a is None:
         raise ValueError(f"teachers={teachers!r} needs A's store")
+    if teachers == "cascade" and b is not None and abs(b.temperature - a.temperature) > 1e-9:
+        raise ValueError(f"A's store was captured at temperature {a.temperature}, B's at {b.temperature}: one student "
+                         "temperature cannot match both; re-capture them at one temperature")
     want = torch.full((n,), SOURCE_A, dtype=torch.long)
     if teachers == "cascade":
         if split is None or b is None:
@@ -284,7 +292,8 @@ def build_teacher_table(
         probs[rows] = t.probs[src]
         kept[rows] = t.kept[src]
         tail[rows] = t.tail[src]
-    return TeacherTable(sample_ids=list(sample_ids), source=source, probs=probs, kept=kept, tail=tail)
+    return TeacherTable(sample_ids=list(sample_ids), source=source, probs=probs, kept=kept, tail=tail,
+                        temperature=a.temperature)
 
 
 # -- student loss -------------------------------------------------------------------------------
@@ -292,37 +301,35 @@ def build_teacher_table(
 
 def sparse_kl(student_logits: torch.Tensor, probs: torch.Tensor, kept: torch.Tensor, tail: torch.Tensor, *,
               temperature: float = 1.0) -> torch.Tensor:
-    """Per-sample forward KL(q_T || p_T) over the kept classes plus one tail bucket, ``[B]``.
+    """Per-sample forward KL(q || p_T) over the kept classes plus one tail bucket, ``[B]``:
+    :func:`trainer.core.losses.sparse_kd_loss` (the one sparse KL) on dense per-class tensors,
+    without its ``T**2`` factor.
 
-    student_logits ``[B, C]``; probs ``[B, C]`` teacher probabilities of kept classes; kept
-    ``[B, C]`` bool; tail ``[B]`` teacher mass outside the kept classes. The teacher is tempered
-    as ``q_T ∝ q^(1/T)`` over kept classes and the tail bucket (exact when every class is kept,
-    the default for a classifier store; the tail is then 0); the student as ``softmax(z / T)``,
-    its tail bucket being the mass of its non-kept classes. fp32 throughout.
+    student_logits ``[B, C]``; probs ``[B, C]`` stored teacher probabilities (0 where not kept);
+    kept ``[B, C]`` bool; tail ``[B]`` teacher mass outside the kept classes. The stored
+    probabilities are used as they are (they carry the capture temperature); the student is
+    ``softmax(z / T)``.
     """
-    z = student_logits.float() / temperature
-    logp = F.log_softmax(z, dim=-1)
-    neg_inf = torch.finfo(torch.float32).min
-    has_rest = (~kept).any(-1)
-    tail = torch.where(has_rest, tail.float(), torch.zeros_like(tail, dtype=torch.float32))
-    # Teacher: tempered log-probabilities over [kept classes..., tail bucket].
-    with torch.no_grad():
-        logq = torch.where(kept & (probs > 0), probs.float().clamp_min(1e-30).log(), torch.full_like(z, neg_inf))
-        logq_tail = torch.where(tail > 0, tail.clamp_min(1e-30).log(), torch.full_like(tail, neg_inf))
-        logq_all = torch.cat([logq, logq_tail.unsqueeze(1)], dim=1) / temperature
-        q_all = torch.softmax(logq_all, dim=1)
-        logq_all = torch.log_softmax(logq_all, dim=1)
-    logp_tail = torch.logsumexp(logp.masked_fill(kept, neg_inf), dim=-1)
-    logp_all = torch.cat([logp, logp_tail.unsqueeze(1)], dim=1)
-    live = q_all > 0
-    terms = torch.where(live, q_all * (logq_all - logp_all), torch.zeros_like(q_all))
-    return terms.sum(-1)
+    idx, p = _as_sparse(probs, kept)
+    mask = torch.ones(student_logits.shape[0], dtype=torch.bool, device=student_logits.device)
+    kd = sparse_kd_loss(student_logits, idx, p, tail, mask, temperature=temperature, reduction="none")
+    return kd / temperature**2
+
+
+def _as_sparse(probs: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``[B, C]`` teacher rows -> the store's sparse layout: indices ``[B, C]`` (every
+    class) and probabilities ``[B, C]`` with 0 on the classes that are not kept (the core loss
+    treats probability-0 slots as padding, so they join the tail bucket)."""
+    b, c = probs.shape
+    idx = torch.arange(c, device=probs.device).expand(b, c)
+    return idx, torch.where(kept, probs.float(), 0.0)
 
 
 @dataclass
 class LossWeights:
     """Weights of the student loss: gold CE, KD on A's target labels, KD on B's optimized
-    labels, and the KD temperature (KD terms are scaled by T^2)."""
+    labels, and the KD temperature: the stores' capture temperature (the student is tempered
+    by it, the stored targets are not; KD terms are scaled by T^2)."""
 
     gold: float = 1.0
     target: float = 1.0
@@ -342,12 +349,14 @@ def cascade_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Student loss of one batch, averaged over its samples::
 
-        loss = mean_i [ w_gold * CE(z_i, y_i) + w_src(i) * T^2 * KL(q_i,T || p_i,T) ]
+        loss = mean_i [ w_gold * CE(z_i, y_i) + w_src(i) * T^2 * KL(q_i || p_i,T) ]
 
     with ``w_src`` = ``weights.target`` for samples whose teacher is A, ``weights.optimized``
-    for B, and 0 for gold-only samples. logits ``[B, C]``; labels ``[B]`` (-100 = no gold
-    label: no CE term); source/probs/kept/tail from :meth:`TeacherTable.lookup`.
-    Returns (scalar loss, parts: mean CE and mean KL over the samples that have them).
+    for B, and 0 for gold-only samples; ``q_i`` is the stored distribution as it is (captured at
+    temperature T), ``p_i,T = softmax(z_i / T)``. The KD term is
+    :func:`trainer.core.losses.sparse_kd_loss`. logits ``[B, C]``; labels ``[B]`` (-100 = no
+    gold label: no CE term); source/probs/kept/tail from :meth:`TeacherTable.lookup`.
+    Returns (scalar loss, parts: mean CE and mean KL (without T^2) over the samples that have them).
     """
     n = logits.shape[0]
     if n == 0:
@@ -357,13 +366,14 @@ def cascade_loss(
     ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none") * has_gold
     w_kd = torch.where(source == SOURCE_A, weights.target, torch.where(source == SOURCE_B, weights.optimized, 0.0))
     has_kd = source != SOURCE_GOLD
-    kl = torch.zeros(n, device=logits.device)
+    t = weights.temperature
+    kd = torch.zeros(n, device=logits.device)  # T^2 * KL per sample, 0 for gold-only samples
     if bool(has_kd.any()):
-        kl = torch.where(has_kd, sparse_kl(logits, probs, kept, tail, temperature=weights.temperature), kl)
-    t2 = weights.temperature ** 2
-    loss = (weights.gold * ce + w_kd.to(logits) * t2 * kl).sum() / n
+        idx, p = _as_sparse(probs, kept)
+        kd = sparse_kd_loss(logits, idx, p, tail, has_kd, temperature=t, reduction="none")
+    loss = (weights.gold * ce + w_kd.to(logits) * kd).sum() / n
     parts = {
         "ce": float(ce.detach().sum() / has_gold.sum().clamp_min(1)),
-        "kl": float(kl.detach().sum() / has_kd.sum().clamp_min(1)),
+        "kl": float(kd.detach().sum() / t**2 / has_kd.sum().clamp_min(1)),
     }
     return loss, parts

@@ -30,22 +30,30 @@ BUNDLE_FORMAT = "kdstore.classifier.v1"
 
 
 @dataclass
-class ClassifierConfig:
-    """Architecture hyper-parameters (flat; unused fields are ignored by other archs)."""
+class ClassifierArch:
+    """Architecture hyper-parameters: the one copy of the classifier fields that every
+    classifier recipe's config has (R-Drop's flat keys, each cascade model's ``a_``/``b_``/``c_``
+    keys). Unused fields are ignored by the other archs."""
 
     arch: str = "transformer"
-    vocab_size: int = 8000
-    num_classes: int = 2
-    pad_id: int = 0
     d_model: int = 128  # embedding / hidden width
     n_layers: int = 2  # transformer blocks or LSTM layers
     n_heads: int = 4  # transformer
     d_ff: int = 256  # transformer feed-forward width
-    max_len: int = 128  # transformer positions (longest input in tokens)
     dropout: float = 0.1  # hidden dropout everywhere; attention dropout in the transformer
     lstm_hidden: int = 128  # per direction
     cnn_kernels: str = "3,4,5"  # TextCNN widths, comma-separated
     cnn_channels: int = 100  # TextCNN feature maps per width
+
+
+@dataclass
+class ClassifierConfig(ClassifierArch):
+    """A model's full config: its architecture plus the data-given sizes."""
+
+    vocab_size: int = 8000
+    num_classes: int = 2
+    pad_id: int = 0
+    max_len: int = 128  # transformer positions (longest input in tokens)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:

@@ -5,9 +5,10 @@ Every example carries a stable ``sample_id``: :func:`kdstore.hashing.sample_id` 
 store's own id (a store captured from the same texts has the same ids), so soft labels are looked up
 by content, never by position.
 
-User files are strict by default: the first bad record raises an error naming the file, the
-line (JSONL, 1-based) or row (Parquet, 0-based) and what to fix. With ``on_error="skip"`` bad
-records are collected as :class:`Reject` entries instead, so ``read == kept + rejected`` always
+User files are read by :mod:`kdstore.textio` (the one reader of user files) and are strict by
+default: the first bad record raises an error ``path:N: reason`` (N the 1-based line of a JSONL
+file or row of a Parquet file) saying what to fix. With ``on_error="skip"`` bad records are kept
+as :class:`kdstore.textio.DeadLetter` entries instead, so ``read == kept + rejected`` always
 holds and nothing disappears silently.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 import xxhash
 
 from kdstore.hashing import sample_id
+from kdstore.textio import DeadLetter, ReaderSpec, Record, RecordError, iter_file, keep_or_raise
 
 HOLDOUT_SPLIT = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}  # % by content hash
 
@@ -39,15 +41,6 @@ class Example:
         return sample_id(self.text)
 
 
-@dataclass(frozen=True)
-class Reject:
-    """A record left out with ``on_error="skip"``: where it was and why."""
-
-    file: str
-    position: str  # "line 12" or "row 11"
-    reason: str
-
-
 @dataclass
 class ClassificationData:
     """Train / validation / test examples with their label names and provenance."""
@@ -57,7 +50,7 @@ class ClassificationData:
     test: list[Example]
     label_names: tuple[str, ...]
     source: str
-    rejects: list[Reject] = field(default_factory=list)
+    rejects: list[DeadLetter] = field(default_factory=list)
     read: int = 0  # records read from user files (0 for built-in corpora)
 
     @property
@@ -78,8 +71,9 @@ class ClassificationData:
         return h.hexdigest()
 
 
-class DataError(ValueError):
-    """A bad record in a user file; the message names the file and position."""
+DataError = RecordError  # a bad record in a user file; the message is ``path:N: reason``
+_FIX = "fix the record, or pass on_error=skip to leave bad records out"
+_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def sentiment_data() -> ClassificationData:
@@ -99,33 +93,6 @@ def sentiment_data() -> ClassificationData:
     )
 
 
-def _records(path: Path):
-    """(position, record-or-error) pairs of a JSONL or Parquet file."""
-    suffix = "".join(path.suffixes[-2:]) if path.suffix in {".gz", ".zst"} else path.suffix
-    if suffix in {".jsonl", ".json"}:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield f"line {n}", DataError(f"invalid JSON ({exc.msg} at column {exc.colno})")
-                    continue
-                yield f"line {n}", rec
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq  # noqa: PLC0415
-
-        pf = pq.ParquetFile(path)
-        row = 0
-        for batch in pf.iter_batches(batch_size=4096):
-            for rec in batch.to_pylist():
-                yield f"row {row}", rec
-                row += 1
-    else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
-
-
 def read_labeled_file(
     path: str | Path,
     *,
@@ -134,77 +101,63 @@ def read_labeled_file(
     words_field: str = "",
     label_names: Sequence[str] | None = None,
     on_error: str = "raise",
-) -> tuple[list[Example], list[Reject], int, tuple[str, ...]]:
-    """Read text+label records from a ``.jsonl`` or ``.parquet`` file.
+) -> tuple[list[Example], list[DeadLetter], int, tuple[str, ...]]:
+    """Read text+label records from a ``.jsonl`` or ``.parquet`` file (through :mod:`kdstore.textio`).
 
     Labels are either all integers (class ids ``0..C-1``) or all strings (names). String names
     are mapped to ids in sorted order unless ``label_names`` fixes the mapping (held-out files
     use the training file's names, and a name not in it is an error).
 
-    Returns (examples, rejects, records read, label names).
+    Returns (examples, rejected records, records read, label names).
     """
-    if on_error not in {"raise", "skip"}:
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such data file")
-    raw: list[tuple[str, str, Any, tuple[str, ...] | None]] = []
-    rejects: list[Reject] = []
-    read = 0
+    name = path.name.lower().removesuffix(".gz").removesuffix(".zst")
+    if not name.endswith(_SUFFIXES):
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+    spec = ReaderSpec(text_field=text_field, label_field=label_field, label_names=True, require_label=True,
+                      extra_fields=(words_field,) if words_field else ())
+    raw: list[tuple[Record, tuple[str, ...] | None]] = []
+    rejects: list[DeadLetter] = []
 
-    def bad(pos: str, reason: str) -> None:
-        if on_error == "raise":
-            raise DataError(f"{path}, {pos}: {reason} (fix the record, or pass on_error=skip to leave bad records out)")
-        rejects.append(Reject(file=str(path), position=pos, reason=reason))
+    def bad(item: DeadLetter) -> None:
+        keep_or_raise(item, rejects, on_error=on_error, hint=_FIX)
 
-    for pos, rec in _records(path):
-        read += 1
-        if isinstance(rec, Exception):
-            bad(pos, str(rec))
-            continue
-        if not isinstance(rec, dict):
-            bad(pos, f"expected an object with fields {text_field!r} and {label_field!r}, got {type(rec).__name__}")
-            continue
-        text, label = rec.get(text_field), rec.get(label_field)
-        if not isinstance(text, str) or not text.strip():
-            bad(pos, f"field {text_field!r} must be a non-empty string, got {text!r:.60}")
-            continue
-        if label is None or isinstance(label, (bool, float)) or not isinstance(label, (int, str)):
-            bad(pos, f"field {label_field!r} must be an integer class id or a string name, got {label!r:.60}")
+    for item in iter_file(str(path), spec):
+        if isinstance(item, DeadLetter):
+            bad(item)
             continue
         words = None
         if words_field:
-            w = rec.get(words_field)
-            if not isinstance(w, list) or not all(isinstance(x, str) and x for x in w) or "".join(w) != text:
-                bad(pos, f"field {words_field!r} must be a list of non-empty strings concatenating to the text")
+            w = item.fields[words_field]
+            if not isinstance(w, list) or not all(isinstance(x, str) and x for x in w) or "".join(w) != item.text:
+                bad(DeadLetter(reason=f"field {words_field!r} must be a list of non-empty strings concatenating to the text",
+                               source=item.source, sample_id=item.sample_id))
                 continue
             words = tuple(w)
-        raw.append((pos, text, label, words))
-
-    kinds = {type(lab) for _, _, lab, _ in raw}
+        raw.append((item, words))
+    read = len(raw) + len(rejects)
+    kinds = {type(r.label) for r, _ in raw}
     if len(kinds) > 1:
         raise DataError(f"{path}: labels mix integers and strings; use one kind throughout")
     if label_names is None:
         if kinds == {str}:
-            label_names = tuple(sorted({lab for _, _, lab, _ in raw}))
+            label_names = tuple(sorted({r.label for r, _ in raw}))
         else:
-            top = max((lab for _, _, lab, _ in raw), default=1)
+            top = max((r.label for r, _ in raw), default=1)
             label_names = tuple(str(i) for i in range(max(top, 1) + 1))
     label_names = tuple(label_names)
     index = {name: i for i, name in enumerate(label_names)}
     examples = []
-    for pos, text, label, words in raw:
-        if isinstance(label, str):
-            if label not in index:
-                bad(pos, f"label {label!r} is not one of the training labels {list(label_names)}")
-                continue
-            y = index[label]
-        else:
-            if not 0 <= label < len(label_names):
-                bad(pos, f"label {label} is outside 0..{len(label_names) - 1}")
-                continue
-            y = label
-        examples.append(Example(text=text, label=y, words=words))
+    for r, words in raw:
+        y = index.get(r.label) if isinstance(r.label, str) else r.label
+        if y is None or not 0 <= y < len(label_names):
+            why = (f"label {r.label!r} is not one of the training labels {list(label_names)}" if isinstance(r.label, str)
+                   else f"label {r.label} is outside 0..{len(label_names) - 1}")
+            bad(DeadLetter(reason=why, source=r.source, sample_id=r.sample_id))
+            continue
+        examples.append(Example(text=r.text, label=y, words=words))
     if not examples:
         raise DataError(f"{path}: no usable records ({read} read, {len(rejects)} rejected)")
     return examples, rejects, read, label_names
@@ -272,7 +225,6 @@ def take(examples: list[Example], n: int) -> list[Example]:
 
 
 
-
 # --------------------------------------------------------------------------- teacher soft labels
 class TeacherProbs:
     """Class soft labels by sample id: the adapter between a source of teacher probabilities
@@ -315,24 +267,24 @@ class TeacherProbs:
 
 def load_teacher_probs_jsonl(path: str | Path, *, num_classes: int) -> TeacherProbs:
     """Read ``{"text": ..., "probs": [...]}`` lines (as :func:`trainer.classify.reference.
-    write_teacher_probs` writes them) into :class:`TeacherProbs` keyed by :func:`kdstore.hashing.sample_id`."""
+    write_teacher_probs` writes them, through :mod:`kdstore.textio`) into :class:`TeacherProbs`
+    keyed by :func:`kdstore.hashing.sample_id`. A bad line raises ``path:N: reason``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such teacher-probs file")
+    want = f'expected {{"text": str, "probs": [{num_classes} floats summing to 1]}}'
     probs: dict[str, list[float]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                text, p = rec["text"], rec["probs"]
-                if not isinstance(text, str) or not isinstance(p, list):
-                    raise TypeError("text must be a string and probs a list")
-                TeacherProbs(probs={"x": p}, num_classes=num_classes)  # validate here, with a line number
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise DataError(
-                    f'{path}, line {n}: expected {{"text": str, "probs": [{num_classes} floats summing to 1]}} ({exc})'
-                ) from None
-            probs[sample_id(text)] = p
+    skipped: list[DeadLetter] = []
+    for item in iter_file(str(path), ReaderSpec(format="jsonl", extra_fields=("probs",))):
+        if isinstance(item, DeadLetter):
+            keep_or_raise(item, skipped, on_error="raise", hint=want)
+            continue
+        p = item.fields["probs"]
+        try:
+            if not isinstance(p, list):
+                raise TypeError("probs must be a list")
+            TeacherProbs(probs={"x": p}, num_classes=num_classes)  # validate here, with a line number
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{item.source}: {want} ({exc})") from None
+        probs[sample_id(item.text)] = p
     return TeacherProbs(probs=probs, num_classes=num_classes)

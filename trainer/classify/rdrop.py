@@ -10,7 +10,8 @@ every forward pass draws its own dropout mask: two sub-models of one network. Th
 
 With ``passes=1`` (and ``w_kl=0``) the same loop is the plain cross-entropy baseline; with one
 deterministic granularity (``train_segs=char``) it is the original R-Drop (Liang et al. 2021),
-where only the dropout masks differ. The loss is :func:`trainer.core.losses.rdrop_loss`.
+where only the dropout masks differ. The loss is :func:`trainer.core.losses.rdrop_loss`; the
+steps run in the classifier loop shared with the cascade (:func:`trainer.classify.loop.train_classifier`).
 
 ``kd train rdrop [key=value ...] [--teacher-probs FILE] [--resume RUN_DIR]``; ``--print-config``
 lists the keys. Outputs in ``out_dir`` (as ``kd train student``): ``config.json``,
@@ -23,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from trainer.core import checkpoint as ckpt_io
 from trainer.classify.classifiers import (
+    ClassifierArch,
     ClassifierConfig,
     TextClassifier,
     build_classifier,
@@ -46,14 +46,18 @@ from trainer.classify.classifiers import (
     predict_proba_ids,
 )
 from trainer.classify.data import ClassificationData, Example, load_classification_data, load_teacher_probs_jsonl, take
+from trainer.classify.loop import LoopSpec, train_classifier
 from trainer.core.config import apply_overrides, format_config, from_dict, to_dict
+from trainer.core.runlog import RunLog
+from trainer.core.runtime import resolve_device
 from trainer.core.losses import RDropLoss, rdrop_loss  # noqa: F401  (RDropLoss: part of this module's API)
 from trainer.classify.segment import STOCHASTIC, BPEDropoutSegmenter, SegmentationSampler, Vocab
 
 
 @dataclass
-class RDropConfig:
-    """Every knob of ``kd train rdrop`` (flat; override with ``key=value``)."""
+class RDropConfig(ClassifierArch):
+    """Every knob of ``kd train rdrop`` (flat; override with ``key=value``); the model keys come
+    from :class:`~trainer.classify.classifiers.ClassifierArch`."""
 
     # -- data ------------------------------------------------------------------------------
     data: str = "sentiment"  # "sentiment" or a .jsonl / .parquet file of text + label
@@ -75,16 +79,7 @@ class RDropConfig:
     min_word_freq: int = 2  # multi-character tokens seen this often get their own id
     max_vocab: int = 60000
     max_len: int = 128  # tokens per view after back-off (also the transformer's positions)
-    # -- model (trainer.classify.classifiers.ClassifierConfig) --------------------------------------
-    arch: str = "transformer"  # transformer | bilstm | textcnn
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    d_ff: int = 256
-    dropout: float = 0.1
-    lstm_hidden: int = 128
-    cnn_kernels: str = "3,4,5"
-    cnn_channels: int = 100
+    # -- model: the ClassifierArch fields (arch, d_model, n_layers, n_heads, d_ff, dropout, ...)
     # -- loss ------------------------------------------------------------------------------
     passes: int = 2  # 2 = R-Drop; 1 = single-pass cross-entropy baseline
     w_ce: float = 1.0
@@ -100,7 +95,7 @@ class RDropConfig:
     warmup_steps: int = 50  # linear warm-up, then linear decay to 0 at `steps`
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
     threads: int = 0  # torch intra-op threads (0 = default; 1 is fastest on a busy shared CPU)
     # -- loop ------------------------------------------------------------------------------
     out_dir: str = "runs/rdrop"
@@ -145,24 +140,6 @@ class RDropConfig:
 # =========================================================================================
 # Set-up helpers
 # =========================================================================================
-def _batches(lengths: Sequence[int], batch_size: int, seed: int, *, pool: int = 50) -> Iterator[list[int]]:
-    """Endless, reproducible index batches. Each epoch is shuffled (by ``seed`` and the epoch),
-    cut into pools of ``pool`` batches, each pool sorted by length (attention cost grows with
-    the longest row, so similar lengths waste less padding), and a pool's batches are yielded
-    in random order. Batch ``k`` depends only on ``seed`` and ``k``: resuming skips ahead."""
-    epoch = 0
-    while True:
-        rng = random.Random(seed * 1_000_003 + epoch)
-        order = list(range(len(lengths)))
-        rng.shuffle(order)
-        for s in range(0, len(order), batch_size * pool):
-            chunk = sorted(order[s : s + batch_size * pool], key=lambda i: lengths[i])
-            group = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-            rng.shuffle(group)
-            yield from group
-        epoch += 1
-
-
 def _build_sampler(cfg: RDropConfig, train: list[Example]) -> SegmentationSampler:
     bpe = None
     if "bpe" in cfg.train_seg_list():
@@ -221,15 +198,6 @@ def evaluate(model: torch.nn.Module, es: _EvalSet, *, num_classes: int, batch_si
     return out
 
 
-def _lr_lambda(cfg: RDropConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
-
-    return f
-
-
 # =========================================================================================
 # The loop
 # =========================================================================================
@@ -258,14 +226,24 @@ def train(cfg: RDropConfig, *, data: ClassificationData | None = None) -> TrainR
         torch.set_num_threads(threads_before)  # do not leak the setting into the caller's process
 
 
-def _train(cfg: RDropConfig, data: ClassificationData | None) -> TrainResult:
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print(format_config(cfg), flush=True)  # '*' marks values changed from the defaults
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False), encoding="utf-8")
+@dataclass
+class _Setup:
+    """Everything a run needs before its first step: the splits, segmentation, vocabulary,
+    encoded held-out sets, the teacher's soft labels and the model."""
 
-    # ---- data, segmentation, vocabulary, teacher ------------------------------------------
+    data: ClassificationData
+    train_set: list[Example]
+    val_set: list[Example]
+    sampler: SegmentationSampler
+    vocab: Vocab
+    val_enc: _EvalSet
+    test_enc: _EvalSet
+    teacher: Any
+    mcfg: ClassifierConfig
+    model: torch.nn.Module
+
+
+def _setup(cfg: RDropConfig, data: ClassificationData | None, out: Path) -> _Setup:
     if data is None:
         data = load_classification_data(cfg.data, eval_source=cfg.eval_data, test_source=cfg.test_data,
                                         text_field=cfg.text_field, label_field=cfg.label_field,
@@ -274,7 +252,7 @@ def _train(cfg: RDropConfig, data: ClassificationData | None) -> TrainResult:
         print(f"[rdrop] {len(data.rejects)} of {data.read} records rejected (rejects.jsonl); first: {data.rejects[0]}",
               file=sys.stderr)
         (out / "rejects.jsonl").write_text(
-            "".join(json.dumps(vars(r), ensure_ascii=False) + "\n" for r in data.rejects), encoding="utf-8")
+            "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in data.rejects), encoding="utf-8")
     train_set = take(data.train, cfg.train_limit)
     val_set, test_set = take(data.validation, cfg.eval_limit), take(data.test, cfg.eval_limit)
     sampler = _build_sampler(cfg, train_set)
@@ -290,182 +268,111 @@ def _train(cfg: RDropConfig, data: ClassificationData | None) -> TrainResult:
             raise ValueError(f"{cfg.teacher_probs}: none of the {len(train_set)} training texts has teacher probs "
                              f"(is it the teacher file for {cfg.data}?)")
         print(f"[rdrop] teacher soft labels for {covered}/{len(train_set)} training samples", flush=True)
-
-    # ---- model, optimiser, resume ------------------------------------------------------------
     mcfg = ClassifierConfig.from_dict({**to_dict(cfg), "vocab_size": len(vocab), "num_classes": data.num_classes,
                                        "pad_id": vocab.pad_id})
-    model = build_classifier(mcfg).to(cfg.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    seg_rng = random.Random(cfg.seed + 1)  # segmentation draws, separate from batch order
-    start, stats = 0, {"train_seconds": 0.0, "train_cpu_seconds": 0.0, "pairs": 0, "distinct": 0}
-    if cfg.resume:
-        ckpt = ckpt_io.load_checkpoint(cfg.resume)
-        if ckpt["model_config"] != to_dict(mcfg):
-            raise ValueError(f"{ckpt['path']}: saved for a different model/vocabulary; resume with the run's own config")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        ckpt_io.set_rng_state(ckpt["rng"])
-        seg_rng.setstate(_as_rng_state(ckpt["seg_rng"]))
-        start, stats = int(ckpt["step"]), dict(ckpt["stats"])
-        print(f"[rdrop] resumed at step {start} from {ckpt['path']}", flush=True)
-    n_params = count_parameters(model)
+    model = build_classifier(mcfg).to(resolve_device(cfg.device))
     print(json.dumps({"train": len(train_set), "validation": len(val_set), "test": len(test_set), "vocab": len(vocab),
-                      "parameters": n_params, f"val_coverage_{cfg.eval_seg_list()[0]}": vocab.coverage(
+                      "parameters": count_parameters(model), f"val_coverage_{cfg.eval_seg_list()[0]}": vocab.coverage(
                           sampler.segment(ex.text, cfg.eval_seg_list()[0], rng=random.Random(0), words=ex.words)
                           for ex in val_set[:500])}),
           flush=True)
+    return _Setup(data=data, train_set=train_set, val_set=val_set, sampler=sampler, vocab=vocab, val_enc=val_enc,
+                  test_enc=test_enc, teacher=teacher, mcfg=mcfg, model=model)
 
-    def save(step: int, metrics: dict) -> None:
-        ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(out, step), {
-            "step": step, "config": to_dict(cfg), "model_config": to_dict(mcfg), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt_io.rng_state(),
-            "seg_rng": seg_rng.getstate(), "stats": stats, "metrics": metrics}, keep=cfg.keep_checkpoints)
 
-    from tqdm.auto import tqdm  # noqa: PLC0415
+def _batch_loss(cfg: RDropConfig, su: _Setup, rows: list[int], seg_rng: random.Random, stats: dict[str, int]):
+    """The R-Drop loss of one batch: views, forward passes, :func:`rdrop_loss` (fp32)."""
+    device = resolve_device(cfg.device)
+    batch = [su.train_set[i] for i in rows]
+    labels = torch.tensor([ex.label for ex in batch], device=device)
+    # 1. Views: two different segmentations per sample (one view for the CE baseline).
+    if cfg.passes == 2:
+        pairs = [su.sampler.sample_pair(ex.text, rng=seg_rng, words=ex.words) for ex in batch]
+        views = [[a for a, _ in pairs], [b for _, b in pairs]]
+        stats["pairs"] += len(pairs)
+        stats["distinct"] += sum(a != b for a, b in pairs)
+    else:
+        views = [[su.sampler.sample_one(ex.text, rng=seg_rng, words=ex.words) for ex in batch]]
+    encoded = [pad_batch([su.vocab.encode(s, max_len=cfg.max_len) for s in v], pad_id=su.vocab.pad_id) for v in views]
+    # 2. Forward passes: each call draws fresh dropout masks, i.e. a different sub-model.
+    logits = [su.model(ids.to(device), mask.to(device)) for ids, mask in encoded]
+    # 3. Loss.
+    t_probs = t_mask = None
+    if su.teacher is not None:
+        t_probs, t_mask = (t.to(device) for t in su.teacher.lookup([ex.sample_id for ex in batch]))
+    loss = rdrop_loss(logits[0], logits[1] if len(logits) == 2 else None, labels, w_ce=cfg.w_ce, w_kl=cfg.w_kl,
+                      teacher_probs=t_probs, teacher_mask=t_mask, w_teacher=cfg.w_teacher,
+                      temperature=cfg.teacher_temperature)
+    parts = {"ce": float(loss.ce), "kl": float(loss.kl), "teacher": float(loss.teacher),
+             "tokens_per_view": sum(int(m.sum()) for _, m in encoded) / len(batch) / len(views)}
+    return loss.total, parts
 
-    log = _RunLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None)
-    batches = _batches([len(ex.text) for ex in train_set], cfg.batch_size, cfg.seed)
-    for _ in range(start):  # batch k depends only on (seed, k): skip what the checkpoint has seen
-        next(batches)
-    window: dict[str, float] = {}
-    val_metrics: dict[str, float] = {}
-    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc="rdrop", disable=not cfg.progress, dynamic_ncols=True)
-    for step in range(start + 1, last + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        batch = [train_set[i] for i in next(batches)]
-        labels = torch.tensor([ex.label for ex in batch], device=cfg.device)
 
-        # 1. Views: two different segmentations per sample (one view for the CE baseline).
-        if cfg.passes == 2:
-            pairs = [sampler.sample_pair(ex.text, rng=seg_rng, words=ex.words) for ex in batch]
-            views = [[a for a, _ in pairs], [b for _, b in pairs]]
-            stats["pairs"] += len(pairs)
-            stats["distinct"] += sum(a != b for a, b in pairs)
-        else:
-            views = [[sampler.sample_one(ex.text, rng=seg_rng, words=ex.words) for ex in batch]]
-        encoded = [pad_batch([vocab.encode(s, max_len=cfg.max_len) for s in v], pad_id=vocab.pad_id) for v in views]
+def _train(cfg: RDropConfig, data: ClassificationData | None) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(format_config(cfg), flush=True)  # '*' marks values changed from the defaults
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False), encoding="utf-8")
+    su = _setup(cfg, data, out)
+    seg_rng = random.Random(cfg.seed + 1)  # segmentation draws, separate from batch order
+    stats = {"pairs": 0, "distinct": 0}
+    resume = None
+    if cfg.resume:
+        resume = ckpt_io.load_checkpoint(cfg.resume)
+        if resume["model_config"] != to_dict(su.mcfg):
+            raise ValueError(f"{resume['path']}: saved for a different model/vocabulary; resume with the run's own config")
+        seg_rng.setstate(_as_rng_state(resume["seg_rng"]))
+        stats = {k: int(resume["stats"][k]) for k in stats}
+        print(f"[rdrop] resumed at step {resume['step']} from {resume['path']}", flush=True)
+    num_classes = su.data.num_classes
+    spec = LoopSpec(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, seed=cfg.seed, log_every=cfg.log_every,
+                    eval_every=cfg.eval_every, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
+                    stop_at=cfg.stop_at, device=str(resolve_device(cfg.device)), progress=cfg.progress, desc="rdrop")
+    log = RunLog(out / "metrics.jsonl", resume_step=int(resume["step"]) if resume else None)
+    res = train_classifier(
+        su.model, spec=spec, lengths=[len(ex.text) for ex in su.train_set],
+        loss_fn=lambda rows: _batch_loss(cfg, su, rows, seg_rng, stats),
+        evaluate=lambda: evaluate(su.model, su.val_enc, num_classes=num_classes, batch_size=cfg.eval_batch_size),
+        log=log, run_dir=out, resume=resume,
+        extra_state=lambda: {"config": to_dict(cfg), "model_config": to_dict(su.mcfg), "seg_rng": seg_rng.getstate(),
+                             "stats": dict(stats)},
+        record_extra=lambda: {"distinct_pairs": stats["distinct"] / max(stats["pairs"], 1)})
+    return _finish(cfg, su, res, log, stats, out)
 
-        # 2. Forward passes: each call draws fresh dropout masks, i.e. a different sub-model.
-        logits = [model(ids.to(cfg.device), mask.to(cfg.device)) for ids, mask in encoded]
 
-        # 3. Loss (fp32 inside rdrop_loss).
-        t_probs = t_mask = None
-        if teacher is not None:
-            t_probs, t_mask = (t.to(cfg.device) for t in teacher.lookup([ex.sample_id for ex in batch]))
-        loss = rdrop_loss(logits[0], logits[1] if len(logits) == 2 else None, labels, w_ce=cfg.w_ce, w_kl=cfg.w_kl,
-                          teacher_probs=t_probs, teacher_mask=t_mask, w_teacher=cfg.w_teacher,
-                          temperature=cfg.teacher_temperature)
-
-        # 4. Backward, clip, step.
-        optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        stats["train_seconds"] += time.perf_counter() - t0
-        stats["train_cpu_seconds"] += time.process_time() - c0
-        total = float(loss.total.detach())
-        if not math.isfinite(total):
-            raise FloatingPointError(f"loss is {total} at step {step}: lower lr={cfg.lr} or check the data")
-
-        # 5. Log running means.
-        for key, value in (("loss", total), ("ce", float(loss.ce)), ("kl", float(loss.kl)),
-                           ("teacher", float(loss.teacher)), ("grad_norm", float(grad_norm)),
-                           ("tokens_per_view", sum(int(m.sum()) for _, m in encoded) / len(batch) / len(views))):
-            window[key] = window.get(key, 0.0) + value
-        window["n"] = window.get("n", 0) + 1
-        if step % cfg.log_every == 0 or step == last:
-            rec = {"event": "train", "step": step, **{k: v / window["n"] for k, v in window.items() if k != "n"},
-                   "lr": scheduler.get_last_lr()[0], "distinct_pairs": stats["distinct"] / max(stats["pairs"], 1),
-                   "train_seconds": stats["train_seconds"]}
-            log.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}", val_acc=f"{val_metrics.get('acc', float('nan')):.3f}")
-            window = {}
-        bar.update(1)
-
-        # 6. Evaluate on the validation split.
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            val_metrics = evaluate(model, val_enc, num_classes=data.num_classes, batch_size=cfg.eval_batch_size)
-            log.write({"event": "eval", "split": "validation", "step": step, **val_metrics})
-
-        # 7. Checkpoint.
-        if (cfg.save_every and step % cfg.save_every == 0) or step == last:
-            save(step, val_metrics)
-    bar.close()
-    if last < cfg.steps:
-        print(f"[rdrop] stopped at step {last} (stop_at); continue with --resume {out}", flush=True)
-        return TrainResult(out_dir=out, validation=val_metrics, test={}, train_seconds=stats["train_seconds"],
-                           train_cpu_seconds=stats["train_cpu_seconds"], steps=last, parameters=n_params,
-                           vocab_size=len(vocab), distinct_pair_rate=stats["distinct"] / max(stats["pairs"], 1))
-
-    # ---- final: held-out test, model directory, result, curves ------------------------------
-    test_metrics = evaluate(model, test_enc, num_classes=data.num_classes, batch_size=cfg.eval_batch_size)
+def _finish(cfg: RDropConfig, su: _Setup, res: Any, log: RunLog, stats: dict[str, int], out: Path) -> TrainResult:
+    """Held-out test, model directory, ``result.json`` and curves (or a note after ``stop_at``)."""
+    n_params = count_parameters(su.model)
+    distinct = stats["distinct"] / max(stats["pairs"], 1)
+    kw = dict(out_dir=out, validation=res.validation, train_seconds=res.train_seconds,
+              train_cpu_seconds=res.train_cpu_seconds, parameters=n_params, vocab_size=len(su.vocab),
+              distinct_pair_rate=distinct)
+    if res.steps < cfg.steps:
+        print(f"[rdrop] stopped at step {res.steps} (stop_at); continue with --resume {out}", flush=True)
+        return TrainResult(test={}, steps=res.steps, **kw)
+    test_metrics = evaluate(su.model, su.test_enc, num_classes=su.data.num_classes, batch_size=cfg.eval_batch_size)
     log.write({"event": "eval", "split": "test", "step": cfg.steps, **test_metrics})
-    result = {"validation": val_metrics, "test": test_metrics, **stats, "steps": cfg.steps, "parameters": n_params,
-              "vocab_size": len(vocab), "distinct_pair_rate": stats["distinct"] / max(stats["pairs"], 1),
-              "train_examples": len(train_set), "data": data.source, "data_fingerprint": data.fingerprint()}
-    TextClassifier(model=model.cpu(), config=mcfg, vocab=vocab, segmentation=cfg.eval_seg_list()[0], max_len=cfg.max_len,
-                   label_names=data.label_names).save(out / "model", extra={"train_config": to_dict(cfg), "result": result})
+    result = {"validation": res.validation, "test": test_metrics, "train_seconds": res.train_seconds,
+              "train_cpu_seconds": res.train_cpu_seconds, **stats, "steps": cfg.steps, "parameters": n_params,
+              "vocab_size": len(su.vocab), "distinct_pair_rate": distinct, "train_examples": len(su.train_set),
+              "data": su.data.source, "data_fingerprint": su.data.fingerprint()}
+    TextClassifier(model=su.model.cpu(), config=su.mcfg, vocab=su.vocab, segmentation=cfg.eval_seg_list()[0],
+                   max_len=cfg.max_len, label_names=su.data.label_names).save(
+        out / "model", extra={"train_config": to_dict(cfg), "result": result})
     (out / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    log.plot(out / "curves.png", title=f"{cfg.arch}, passes={cfg.passes}, train_segs={cfg.train_segs}")
-    return TrainResult(out_dir=out, validation=val_metrics, test=test_metrics, train_seconds=stats["train_seconds"],
-                       train_cpu_seconds=stats["train_cpu_seconds"], steps=cfg.steps, parameters=n_params,
-                       vocab_size=len(vocab), distinct_pair_rate=result["distinct_pair_rate"])
+    log.plot(out / "curves.png", train_keys=("loss", "ce", "kl", "teacher"), train_ylabel="nats / sample",
+             eval_keys=(("acc", "validation acc"), ("f1", "validation f1")),
+             eval_filter=lambda r: r.get("split") == "validation",
+             title=f"{cfg.arch}, passes={cfg.passes}, train_segs={cfg.train_segs}")
+    return TrainResult(test=test_metrics, steps=cfg.steps, **kw)
 
 
 def _as_rng_state(state: Any) -> tuple:
     """``random.Random.getstate()`` comes back from ``torch.load`` with lists for tuples."""
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
-
-
-class _RunLog:
-    """``metrics.jsonl`` writer (one JSON object per event) that also draws the curves."""
-
-    def __init__(self, path: Path, *, resume_step: int | None) -> None:
-        self.path = path
-        self.history: list[dict[str, Any]] = []
-        kept = []
-        if resume_step is not None and path.exists():
-            # Events logged after the checkpoint were undone by resuming: drop them.
-            for line in path.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line)
-                if rec["step"] <= resume_step:
-                    kept.append(line)
-                    self.history.append(rec)
-        path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-
-    def write(self, rec: dict[str, Any]) -> None:
-        self.history.append(rec)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-    def plot(self, path: Path, *, title: str = "") -> None:
-        import matplotlib  # noqa: PLC0415
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-
-        tr = [r for r in self.history if r["event"] == "train"]
-        ev = [r for r in self.history if r["event"] == "eval" and r["split"] == "validation"]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        for key in ("loss", "ce", "kl", "teacher"):
-            if any(r[key] for r in tr):
-                ax1.plot([r["step"] for r in tr], [r[key] for r in tr], label=f"train {key}")
-        ax1.set(xlabel="step", ylabel="nats / sample", title="training loss")
-        ax1.legend()
-        for key in ("acc", "f1"):
-            ax2.plot([r["step"] for r in ev], [r[key] for r in ev], marker="o", label=f"validation {key}")
-        ax2.set(xlabel="step", title="held-out validation")
-        ax2.legend()
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
 
 
 # =========================================================================================

@@ -35,7 +35,6 @@ from trainer.continual.text import Corpus, SpecialIds, document_frequency, load_
 from trainer.core import checkpoint as ckpt_io
 from trainer.core.config import apply_overrides, format_config, from_dict, to_dict
 from trainer.core.runlog import RunLog
-from trainer.core.runtime import Dist
 
 
 def _open_store(uri: str, key: str):
@@ -175,8 +174,8 @@ def _train(cfg: ContinualConfig) -> dict[str, Any]:
 
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    log = RunLog(out, Dist(rank=0, world_size=1, local_rank=0, device=torch.device(cfg.device), started=False), cfg,
-                 resume_step=start if cfg.resume else None)
+    log = RunLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None,
+                 tensorboard=getattr(cfg, "tensorboard", False))
     last = min(total, cfg.stop_at) if cfg.stop_at else total
     window: dict[str, list[float]] = {}
     model.train()

@@ -4,6 +4,9 @@ Every knob of ``kd train student`` / ``kd train lm`` is a field of :class:`Train
 the same flat dict is printed at start-up, written to ``config.json`` and saved in every
 checkpoint, so a run can be reproduced from any of its checkpoints. Overrides are plain
 ``key=value`` strings coerced to the field's type (``bool`` accepts true/false/1/0/yes/no).
+
+:func:`apply_overrides`, :func:`to_dict`, :func:`from_dict` and :func:`format_config` serve
+every recipe's config (``kd train student|lm|rdrop|cascade``): one parser, one spelling rule.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ class TrainConfig:
 
 
 def _coerce(value: str, tp: Any, key: str) -> Any:
+    """One spelling rule for every recipe: bool true/false/1/0/yes/no/on/off/y/n/t/f; int also
+    as a float literal with no fraction (``1e3``, ``2.0``); float; anything else is a str."""
     if tp is bool:
         v = value.strip().lower()
         if v in _TRUE:
@@ -144,17 +149,46 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
+def _flat_types(cls: type) -> dict[str, tuple[str, str | None, Any]]:
+    """``flat key -> (field, sub-field or None, type)``. A field whose type is itself a dataclass
+    (a group, e.g. the cascade's per-model settings) is spelled ``<field>_<sub-field>``."""
+    out: dict[str, tuple[str, str | None, Any]] = {}
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            for sub, stp in _field_types(tp).items():
+                out[f"{name}_{sub}"] = (name, sub, stp)
+        else:
+            out[name] = (name, None, tp)
+    return out
+
+
+def _replace(cfg: C, changes: dict[str, Any]) -> C:
+    types = _flat_types(type(cfg))
+    top: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        name, sub, _ = types[key]
+        if sub is None:
+            top[name] = value
+        else:
+            groups.setdefault(name, {})[sub] = value
+    for name, kw in groups.items():
+        top[name] = dataclasses.replace(getattr(cfg, name), **kw)
+    return dataclasses.replace(cfg, **top)  # type: ignore[type-var]
+
+
 def apply_overrides(cfg: C, overrides: Iterable[str]) -> C:
-    """Return a copy of ``cfg`` with ``key=value`` strings applied (types coerced).
+    """Return a copy of ``cfg`` with ``key=value`` strings applied (types coerced; ``-`` in a key
+    reads as ``_``). The one override parser of every recipe's config.
 
     Unknown keys raise ``ValueError`` listing close matches.
     """
-    types = _field_types(type(cfg))
+    types = _flat_types(type(cfg))
     changes: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep:
+        if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value")
         if key not in types:
             import difflib  # noqa: PLC0415
@@ -162,37 +196,57 @@ def apply_overrides(cfg: C, overrides: Iterable[str]) -> C:
             close = difflib.get_close_matches(key, types, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown config key {key!r}{hint} (see the printed config for all keys)")
-        changes[key] = _coerce(value, types[key], key)
-    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+        changes[key] = _coerce(value.strip(), types[key][2], key)
+    return _replace(cfg, changes)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The flat config as a plain dict (JSON- and ``torch.load(weights_only=True)``-safe)."""
-    return dataclasses.asdict(cfg)
+    """The flat config as a plain dict (JSON- and ``torch.load(weights_only=True)``-safe);
+    grouped fields are spelled ``<field>_<sub-field>``."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update({f"{f.name}_{k}": x for k, x in dataclasses.asdict(v).items()})
+        else:
+            out[f.name] = v
+    return out
 
 
 def from_dict(cls: type[C], d: dict[str, Any], *, strict: bool = False) -> C:
     """Rebuild a config from :func:`to_dict` output; unknown keys are ignored unless ``strict``
     (so checkpoints from an older version with a removed key still load)."""
-    types = _field_types(cls)
+    types = _flat_types(cls)
     unknown = sorted(set(d) - set(types))
     if unknown and strict:
         raise ValueError(f"unknown config keys {unknown}")
     kw = {}
     for k, v in d.items():
         if k in types:
-            kw[k] = _coerce(str(v), types[k], k) if isinstance(v, str) and types[k] is not str else v
-    return cls(**kw)
+            tp = types[k][2]
+            kw[k] = _coerce(str(v), tp, k) if isinstance(v, str) and tp is not str else v
+    return _replace(cls(), kw)
 
 
 def format_config(cfg: Any, *, changed_only: bool = False) -> str:
-    """``key = value`` lines, one per field (marks values that differ from the default)."""
-    default = type(cfg)()
+    """``key = value`` lines, one per (flat) key; ``*`` marks values that differ from the default."""
+    default = to_dict(type(cfg)())
     lines = []
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        mark = "*" if v != getattr(default, f.name) else " "
+    for k, v in to_dict(cfg).items():
+        mark = "*" if v != default.get(k) else " "
         if changed_only and mark == " ":
             continue
-        lines.append(f"{mark} {f.name:<20} = {json.dumps(v, ensure_ascii=False)}")
+        lines.append(f"{mark} {k:<20} = {json.dumps(v, ensure_ascii=False)}")
     return "\n".join(lines)
+
+
+class FlatKeys:
+    """Mixin for configs with grouped fields: ``cfg.a_lr`` reads ``cfg.a.lr`` (the flat spelling
+    that overrides, ``config.json`` and step fingerprints use)."""
+
+    def __getattr__(self, name: str) -> Any:
+        group, sep, sub = name.partition("_")
+        value = self.__dict__.get(group) if sep else None
+        if value is not None and dataclasses.is_dataclass(value) and sub in {f.name for f in fields(value)}:
+            return getattr(value, sub)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")

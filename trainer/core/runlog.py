@@ -1,15 +1,18 @@
-"""Run logs: JSONL metrics (one object per train/eval event), sample audit files, PNG curves;
-optionally the same records as TensorBoard scalars (``tensorboard=true``)."""
+"""The run log of every recipe: ``metrics.jsonl`` (one JSON object per event), PNG curves;
+optionally the same records as TensorBoard scalars (``tensorboard=true``).
+
+Every record has ``event`` (``train`` / ``eval``) and ``step``. When a run resumes from a
+checkpoint at step ``s``, the records logged after ``s`` were undone by resuming and are
+dropped, so the file always describes one straight run.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-from trainer.core.config import TrainConfig
-from trainer.core.runtime import Dist
 
 
 def json_safe(x: Any) -> Any:
@@ -36,94 +39,108 @@ def mean(xs: list[float]) -> float:
 
 
 class RunLog:
-    """``out/metrics.jsonl``: one JSON object per event. ``cfg`` is the run's flat config
-    (:class:`TrainConfig` or another recipe's); only ``record_samples`` and ``tensorboard`` are read
-    from it (absent = off)."""
+    """Append-only ``metrics.jsonl`` writer that keeps the records (``history``) for plots.
 
-    def __init__(self, out: Path, dist: Dist, cfg: TrainConfig | Any, *, resume_step: int | None) -> None:
-        self.out, self.dist, self.cfg = out, dist, cfg
-        self.path = out / "metrics.jsonl"
+    Args:
+        path: the JSONL file (created or truncated to the resumed run).
+        resume_step: the step a run resumed at (records after it are dropped), or None.
+        enabled: False on non-main ranks of a distributed run (nothing is written).
+        tensorboard: also write every record as scalars to ``<path's folder>/tensorboard``.
+    """
+
+    def __init__(self, path: str | Path, *, resume_step: int | None = None, enabled: bool = True,
+                 tensorboard: bool = False) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
         self.history: list[dict[str, Any]] = []
-        if dist.is_main:
-            kept: list[str] = []
-            if resume_step is not None and self.path.exists():
-                # Events logged after the checkpoint were undone by resuming: drop them.
-                for line in self.path.read_text(encoding="utf-8").splitlines():
-                    rec = json.loads(line)
-                    if rec.get("step", 0) <= resume_step:
-                        kept.append(line)
-                        self.history.append(rec)
-            self.path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-        self._tb = tensorboard_writer(out, resume_step) if dist.is_main and getattr(cfg, "tensorboard", False) else None
-        self._samples = None
-        if getattr(cfg, "record_samples", False):
-            mode = "a" if resume_step is not None else "w"
-            self._samples = open(out / f"samples-rank{dist.rank}.txt", mode, encoding="utf-8")  # noqa: SIM115
+        self._tb = None
+        if not enabled:
+            return
+        kept: list[str] = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+                    self.history.append(rec)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        self._tb = tensorboard_writer(self.path.parent, resume_step) if tensorboard else None
 
-    def write(self, rec: dict[str, Any]) -> None:
-        """Append one event (rank 0 only; NaN/inf become null)."""
-        if self.dist.is_main:
-            self._write(rec)
-
-    def _write(self, rec: dict[str, Any]) -> None:
-        # NaN (e.g. the KD term of a CE-only run) is not JSON: write null.
+    def write(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """Append one record (NaN/inf written as null); returns it as written."""
         rec = json_safe(rec)
-        self.history.append(rec)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        if self._tb is not None:
-            tensorboard_scalars(self._tb, rec)
+        if self.enabled:
+            self.history.append(rec)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            if self._tb is not None:
+                tensorboard_scalars(self._tb, rec)
+        return rec
 
     def train(self, step: int, window: dict[str, list[float]], *, world: int) -> dict[str, Any]:
+        """The LM loop's train record: window means, and tokens per second over all ranks."""
         rec: dict[str, Any] = {"event": "train", "step": step}
         for k in ("loss", "ce", "kd", "grad_norm", "lr", "step_s", "cpu_s", "data_s"):
             rec[k] = mean(window.get(k, []))
         rec["tokens_per_s"] = sum(window.get("tokens", [])) * world / max(sum(window.get("step_s", [])), 1e-9)
-        if self.dist.is_main:
-            self._write(rec)
+        self.write(rec)
         return rec
 
     def eval(self, step: int, ev: dict[str, Any], bar) -> None:
-        if not self.dist.is_main:
+        """The LM loop's eval record (keys prefixed ``eval_``) and a one-line message."""
+        if not self.enabled:
             return
-        rec = {"event": "eval", "step": step, **{f"eval_{k}": v for k, v in ev.items()}}
-        self._write(rec)
+        self.write({"event": "eval", "step": step, **{f"eval_{k}": v for k, v in ev.items()}})
         msg = f"eval @ {step}: CE {ev['ce']:.4f} ppl {ev['ppl']:.2f} KL({ev['kl_kind']}) {ev['kl']:.4f} on {ev['tokens']} tokens"
         (bar.write if bar is not None else print)(msg)
 
-    def samples(self, step: int, batch: dict[str, Any]) -> None:
-        """One line per micro-batch: step, then ``sample_id:window`` of every row."""
-        ids = batch["sample_id"]
-        if "window" in batch:
-            ids = [f"{s}:{int(w)}" for s, w in zip(ids, batch["window"])]
-        self._samples.write(f"{step + 1}\t{' '.join(ids)}\n")
-        self._samples.flush()
-
-    def plot(self, path: Path) -> None:
+    def plot(
+        self,
+        path: str | Path,
+        *,
+        train_keys: Sequence[str],
+        eval_keys: Sequence[tuple[str, str]],
+        train_ylabel: str = "nats",
+        eval_ylabel: str = "",
+        eval_filter: Callable[[dict[str, Any]], bool] | None = None,
+        title: str = "",
+    ) -> None:
+        """Two panels: ``train_keys`` of the train records, and ``(key, label)`` of the eval
+        records (those ``eval_filter`` keeps) against the step. Missing or NaN values are skipped."""
         import matplotlib  # noqa: PLC0415
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
 
-        tr = [r for r in self.history if r["event"] == "train"]
-        ev = [r for r in self.history if r["event"] == "eval"]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for key in ("loss", "ce", "kd"):
-            pts = [(r["step"], r[key]) for r in tr if r.get(key) is not None and math.isfinite(r[key])]
+        tr = [r for r in self.history if r.get("event") == "train"]
+        ev = [r for r in self.history if r.get("event") == "eval" and (eval_filter is None or eval_filter(r))]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for key in train_keys:
+            pts = _points(tr, key)
+            if pts and any(v for _, v in pts):
+                ax1.plot(*zip(*pts), label=f"train {key}")
+        ax1.set(xlabel="step", ylabel=train_ylabel, title="training loss")
+        ax1.legend()
+        drawn = False
+        for key, label in eval_keys:
+            pts = _points(ev, key)
             if pts:
-                axes[0].plot(*zip(*pts), label=f"train {key}")
-        axes[0].set(xlabel="step", ylabel="nats / token", title="training loss")
-        axes[0].legend()
-        for key, label in (("eval_ce", "held-out CE"), ("eval_kl", "held-out KL to teacher")):
-            pts = [(r["step"], r[key]) for r in ev if r.get(key) is not None and math.isfinite(r[key])]
-            if pts:
-                axes[1].plot(*zip(*pts), marker="o", label=label)
-        axes[1].set(xlabel="step", ylabel="nats / token", title="evaluation")
-        if ev:
-            axes[1].legend()
+                ax2.plot(*zip(*pts), marker="o", label=label)
+                drawn = True
+        ax2.set(xlabel="step", ylabel=eval_ylabel, title="evaluation")
+        if drawn:
+            ax2.legend()
+        if title:
+            fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def _points(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
 def tensorboard_writer(out: Path, resume_step: int | None):

@@ -29,6 +29,17 @@ def resolve_precision(device: torch.device) -> str:
         return "fp32"
 
 
+def resolve_device(name: str) -> torch.device:
+    """The one device rule of every recipe: ``auto`` is CUDA when available, else CPU;
+    anything else (``cpu``, ``cuda``, ``cuda:N``, ``mps``) is taken as it is."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
 class Dist:
     """Process group state (a single process when WORLD_SIZE is unset or 1)."""
 
@@ -45,12 +56,9 @@ class Dist:
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        want = cfg.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want == "cuda" and world > 1:
-            want = f"cuda:{local_rank}"
-        device = torch.device(want)
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and device.index is None and world > 1:
+            device = torch.device(f"cuda:{local_rank}")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if cfg.threads > 0:

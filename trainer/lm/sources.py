@@ -8,6 +8,8 @@ vocabulary; :func:`eval_source` opens the held-out set (a store or text).
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any
 
 import torch
@@ -38,7 +40,11 @@ class TrainData:
             vocab = remap.vocab_size if remap is not None else store.manifest.teacher.vocab_size
             sel = store.manifest.selection
             if cfg.kd_weight > 0 and not cfg.online_teacher and abs(sel.temperature - cfg.temperature) > 1e-9 and dist.is_main:
-                print(f"note: targets were captured at temperature {sel.temperature}; the student uses temperature={cfg.temperature}")
+                # Stored targets are never re-tempered (docs/format.md): the KL then compares the
+                # teacher at the capture temperature with the student at another one.
+                print(f"warning: targets were captured at temperature {sel.temperature} and are used as they are; the "
+                      f"student uses temperature={cfg.temperature} (set temperature={sel.temperature} to match)",
+                      file=sys.stderr)
             ds = SoftLabelDataset(store, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, shuffle_block=cfg.shuffle_block,
                                   rank=dist.rank, world_size=dist.world_size, remap=remap)
             loader = StoreLoader(ds, num_workers=cfg.num_workers)

@@ -45,6 +45,7 @@ from trainer.lm.evaluate import autocast, evaluate, model_inputs
 from trainer.core.losses import ce_and_dense_kd_loss, ce_and_stored_kd_loss, ce_loss, mix
 from trainer.lm.models import PRESETS, count_parameters, vocab_size_of
 from trainer.core.runlog import RunLog, json_safe, mean, median
+from trainer.core.schedule import lr_schedule
 from trainer.core.runtime import Dist, param_digest, resolve_precision, seed_all
 from trainer.lm.sources import TrainData, build_student, eval_source, load_teacher
 
@@ -88,14 +89,16 @@ def _train(cfg: TrainConfig, dist: "Dist") -> dict[str, Any]:
 
     # -- optimizer, schedule, resume --------------------------------------------------
     optimizer = _optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = lr_schedule(optimizer, shape="cosine", warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
+                            min_lr_ratio=cfg.min_lr_ratio)
     step = 0
     if resume is not None:
         step = _restore(resume, cfg, dist, model, optimizer, scheduler, data)
     else:
         # Per-rank streams for dropout etc.; rank 0 of a DDP run draws like a single process.
         seed_all(cfg.seed + 1_000_003 * dist.rank)
-    log = RunLog(out, dist, cfg, resume_step=step if resume else None)
+    log = RunLog(out / "metrics.jsonl", resume_step=step if resume else None, enabled=dist.is_main, tensorboard=cfg.tensorboard)
+    audit = _SampleAudit(out, dist, resume=resume is not None) if cfg.record_samples else None
 
     # -- train ------------------------------------------------------------------------
     stop = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
@@ -115,8 +118,8 @@ def _train(cfg: TrainConfig, dist: "Dist") -> dict[str, Any]:
             td = time.perf_counter()
             batch = data.next_batch()
             stats["data_s"] += time.perf_counter() - td
-            if cfg.record_samples:
-                log.samples(step, batch)
+            if audit is not None:
+                audit.write(step, batch)
             with dist.no_sync(net, last=micro == cfg.grad_accum - 1):
                 loss, ce, kd, n_tok = _loss(cfg, net, teacher, batch, dist.device)
                 (loss / cfg.grad_accum).backward()
@@ -174,7 +177,8 @@ def _train(cfg: TrainConfig, dist: "Dist") -> dict[str, Any]:
         summary["history"] = log.history
         (out / "result.json").write_text(json.dumps(json_safe(summary), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if cfg.plots:
-            log.plot(out / "curves.png")
+            log.plot(out / "curves.png", train_keys=("loss", "ce", "kd"), train_ylabel="nats / token",
+                     eval_keys=(("eval_ce", "held-out CE"), ("eval_kl", "held-out KL to teacher")), eval_ylabel="nats / token")
         ev = summary.get("eval_ce")
         print(f"done: {step} steps in {train_s:.1f}s (median step {summary['step_time_median'] * 1000:.0f} ms)"
               + (f"; held-out CE {ev:.4f} (ppl {summary['eval_ppl']:.2f}), KL {summary['eval_kl']:.4f}" if ev is not None else ""),
@@ -228,17 +232,18 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def _lr_lambda(cfg: TrainConfig):
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``."""
-    warm, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+class _SampleAudit:
+    """``samples-rank<r>.txt``: one line per micro-batch, the step, then ``sample_id:window`` of every row."""
 
-    def f(step: int) -> float:
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    def __init__(self, out: Path, dist: Dist, *, resume: bool) -> None:
+        self._f = open(out / f"samples-rank{dist.rank}.txt", "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
 
-    return f
+    def write(self, step: int, batch: dict[str, Any]) -> None:
+        ids = batch["sample_id"]
+        if "window" in batch:
+            ids = [f"{s}:{int(w)}" for s, w in zip(ids, batch["window"])]
+        self._f.write(f"{step + 1}\t{' '.join(ids)}\n")
+        self._f.flush()
 
 
 # =========================================================================================

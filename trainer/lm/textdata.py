@@ -12,7 +12,6 @@ same deterministic order, rank sharding and resume state as :class:`kdstore.Stor
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -21,13 +20,16 @@ import numpy as np
 import torch
 import xxhash
 
+from kdstore.textio import DeadLetter, ReaderSpec, iter_file, keep_or_raise
+
 IGNORE_INDEX = -100
 
 
 def load_texts(source: str) -> list[str]:
     """Texts of a source: ``peoples_daily:<split>``, ``sentiment:<split>`` (splits train,
-    validation, test, all), a ``.txt`` file (one document per non-empty line) or a
-    ``.jsonl`` file (a ``text`` field per line)."""
+    validation, test, all), or a user file read by :mod:`kdstore.textio`: ``.txt`` (one
+    document per non-empty line), ``.jsonl`` (a ``text`` field per line) or ``.parquet`` (a
+    ``text`` column). A bad line raises ``path:N: reason``; blank lines are skipped."""
     name, sep, split = source.partition(":")
     if sep and name in ("peoples_daily", "sentiment"):
         from trainer.data import corpora  # noqa: PLC0415
@@ -39,18 +41,13 @@ def load_texts(source: str) -> list[str]:
             f"text source {source!r}: not a file and not one of peoples_daily:<split>, sentiment:<split>"
         )
     out: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({exc})") from exc
-                out.append(str(text))
-            else:
-                out.append(line.rstrip("\n"))
+    blank: list[DeadLetter] = []
+    for item in iter_file(str(path)):
+        if isinstance(item, DeadLetter):
+            keep_or_raise(item, blank, on_error="raise", hint="expected a JSON object with a 'text' field per line"
+                          if ReaderSpec().format_of(str(path)) == "jsonl" else "")
+            continue
+        out.append(item.text)
     if not out:
         raise ValueError(f"{path}: no non-empty documents")
     return out

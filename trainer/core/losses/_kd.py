@@ -1,41 +1,9 @@
-"""Distillation losses as small functions over the dataset's batch tensors.
-
-Shapes (token level; any leading shape works, ``[B, T]`` below):
-
-* student ``logits`` ``[B, T, V]`` (any float dtype; every loss is computed in fp32)
-* ``labels`` ``[B, T]`` long: the next token, ``-100`` ignored (already shifted: position t
-  is compared with ``logits[:, t]``)
-* ``kd_indices`` ``[B, T, K]`` long, ``kd_probs`` ``[B, T, K]`` float (0 in padding slots),
-  ``kd_tail`` ``[B, T]`` float (teacher mass outside the kept entries), ``kd_mask`` ``[B, T]``
-* ``teacher_logits`` ``[B, T, V']`` for the dense (online teacher) baseline
-
-Conventions (all losses): fp32 math; positions outside the mask contribute nothing; the
-``"mean"`` reduction divides by the number of valid positions and returns an exact 0 (with
-a gradient path, never NaN) when there are none; ``chunk_size`` processes positions in
-chunks under activation checkpointing, so the fp32 ``[N, V]`` intermediates of only one
-chunk are alive at a time, forward and backward (results equal the unchunked ones).
-
-The sparse KL treats the kept entries plus one *tail bucket* as a (K+1)-class
-distribution: the teacher's tail mass against the student's mass on every class that is
-not kept. With all classes kept (K = V) it is the dense KL. A slot is a kept entry when
-its probability is > 0 (padding slots hold probability 0); kept indices are unique within
-a position (the store guarantees it). In ``sample`` mode the stored
-draw frequencies (tail 0) are the target: forward KL is then the RS-KD estimator, an
-unbiased estimate of the full cross-entropy up to a constant.
-
-:func:`sparse_jsd_loss` is TRL GKD's generalized Jensen-Shannon divergence (beta) over the
-same (K+1)-class targets; :func:`ce_and_stored_kd_loss` picks the loss by name for recipes.
-
-The trainer calls :func:`ce_and_sparse_kd_loss` / :func:`ce_and_dense_kd_loss`: the same
-two numbers as the separate losses (tested values and gradients), but from one fp32
-log-softmax over ``[N, V]`` -- for a small student that tensor is the largest of the step,
-so sharing it is what keeps a cached-KD step close to a CE-only step.
-"""
+"""Token-level losses: CE, the one sparse KL over stored targets, dense KL, and their shared
+helpers (see :mod:`trainer.core.losses` for the conventions)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -74,9 +42,11 @@ def _reduce_positions(
     reduction: str,
 ) -> torch.Tensor:
     """Apply ``fn(rows_logits [n, V], *rows_extras) -> per-position loss [n]`` to the masked
-    positions of ``logits [..., V]`` (extras shaped ``[..., *]`` like the mask), in chunks."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    positions of ``logits [..., V]`` (extras shaped ``[..., *]`` like the mask), in chunks.
+    ``reduction="none"`` returns the per-position losses shaped like the mask (0 outside it;
+    unchunked: it is meant for per-sample weights over small class counts)."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if mask.shape != logits.shape[:-1]:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)} without the vocab axis")
     V = logits.shape[-1]
@@ -84,6 +54,8 @@ def _reduce_positions(
     n_all = flat.shape[0]
     flat_extras = tuple(e.reshape(n_all, *e.shape[mask.dim():]) for e in extras)
     flat_mask = mask.reshape(-1)
+    if reduction == "none":
+        return torch.where(flat_mask, fn(flat, *flat_extras), 0.0).reshape(mask.shape)
     rows = flat_mask.nonzero().squeeze(1)
     n = rows.numel()
     if n == 0:
@@ -223,7 +195,9 @@ def sparse_kd_loss(
 
     ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher),
     ``symmetric`` = their mean. The student's logits are divided by ``temperature``; the
-    stored targets are already at the capture temperature. Reverse KL floors the teacher's
+    stored targets are never re-tempered: they already carry the capture temperature
+    (``manifest.selection.temperature``, see docs/format.md), so pass that temperature here.
+    ``reduction="none"`` gives the per-position values (times ``T**2``). Reverse KL floors the teacher's
     log-probabilities at ``log(eps)`` (a kept class or tail of probability 0 would make it
     infinite). Indices must be < V (the student's vocabulary, aligned if needed).
     """
@@ -399,73 +373,6 @@ def _ce_with_kd(
     return ce, kd
 
 
-# -- R-Drop (sequence classification; ``kd train rdrop``) ----------------------------------
-@dataclass
-class RDropLoss:
-    """Scalar fp32 tensors: ``total`` (what is minimised) and its unweighted, detached parts."""
-
-    total: torch.Tensor
-    ce: torch.Tensor
-    kl: torch.Tensor
-    teacher: torch.Tensor
-
-
-def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probabilities [B, C] -> [B], with 0 * log 0 = 0."""
-    return torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def rdrop_loss(
-    logits1: torch.Tensor,
-    logits2: torch.Tensor | None,
-    labels: torch.Tensor,
-    *,
-    w_ce: float = 1.0,
-    w_kl: float = 1.0,
-    teacher_probs: torch.Tensor | None = None,
-    teacher_mask: torch.Tensor | None = None,
-    w_teacher: float = 0.0,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-) -> RDropLoss:
-    """R-Drop loss for classification, computed in fp32.
-
-    Args:
-        logits1, logits2: [B, C] logits of the two passes; ``logits2=None`` gives plain CE.
-        labels: [B] class ids; rows equal to ``ignore_index`` add nothing to CE.
-        teacher_probs: [B, C] teacher class probabilities (rows sum to 1), optional.
-        teacher_mask: [B] bool, the rows that have teacher probabilities (default: all).
-        temperature: T of the teacher term; teacher and student are both softened by T
-            (teacher: p^(1/T) renormalised) and the term is scaled by T^2 (Hinton et al.).
-
-    Returns:
-        :class:`RDropLoss` in nats: ``ce`` = mean over passes of CE averaged over labelled rows;
-        ``kl`` = 0.5 * (KL(p1||p2) + KL(p2||p1)) averaged over rows; ``teacher`` = T^2 * mean
-        over passes of KL(t_T || p_T) averaged over rows with a teacher; ``total`` = the
-        weighted sum. A part without contributing rows is 0, never NaN.
-    """
-    passes = [logits1.float()] if logits2 is None else [logits1.float(), logits2.float()]
-    zero = passes[0].new_zeros(())
-    n_valid = (labels != ignore_index).sum()
-    ce = zero
-    if n_valid > 0:
-        ce = sum(F.cross_entropy(lg, labels, ignore_index=ignore_index, reduction="sum") for lg in passes)
-        ce = ce / (len(passes) * n_valid)
-    kl = zero
-    if len(passes) == 2:
-        lp1, lp2 = (F.log_softmax(lg, dim=-1) for lg in passes)
-        kl = 0.5 * (_kl_rows(lp1, lp2) + _kl_rows(lp2, lp1)).mean()
-    teacher = zero
-    if teacher_probs is not None and w_teacher:
-        mask = torch.ones_like(labels, dtype=torch.bool) if teacher_mask is None else teacher_mask.bool()
-        if mask.any():
-            log_t = F.log_softmax(torch.log(teacher_probs.float()[mask]) / temperature, dim=-1)
-            parts = [_kl_rows(log_t, F.log_softmax(lg[mask] / temperature, dim=-1)).mean() for lg in passes]
-            teacher = temperature**2 * sum(parts) / len(parts)
-    total = w_ce * ce + w_kl * kl + w_teacher * teacher
-    return RDropLoss(total=total, ce=ce.detach(), kl=kl.detach(), teacher=teacher.detach())
-
-
 def mix(ce: torch.Tensor, kd: torch.Tensor, kd_weight: float) -> torch.Tensor:
     """``(1 - a) * CE + a * KD``; a term with weight 0 is skipped (so a NaN there cannot leak)."""
     if kd_weight <= 0.0:
@@ -473,111 +380,3 @@ def mix(ce: torch.Tensor, kd: torch.Tensor, kd_weight: float) -> torch.Tensor:
     if kd_weight >= 1.0:
         return kd
     return (1.0 - kd_weight) * ce + kd_weight * kd
-
-
-# -- generalized JSD over stored targets (TRL GKD's generalized_jsd_loss) --------------------
-def _sparse_jsd_rows(
-    x: torch.Tensor, idx: torch.Tensor, p: torch.Tensor, tail: torch.Tensor,
-    *, beta: float, temperature: float, tail_bucket: bool,
-) -> torch.Tensor:
-    """Per-position generalized JSD for ``0 < beta < 1``: x ``[n, V]``, idx/p ``[n, K]``, tail ``[n]``.
-
-    Over the kept classes plus the tail bucket (or the kept classes renormalised without it),
-    with teacher P, student Q and mixture ``M = beta P + (1 - beta) Q``:
-    ``beta KL(P || M) + (1 - beta) KL(Q || M)``.
-    """
-    z = x.float()
-    if temperature != 1.0:
-        z = z / temperature
-    logq = torch.gather(z, 1, idx) - torch.logsumexp(z, -1, keepdim=True)  # [n, K]
-    p = p.float()
-    valid = p > 0
-    lb, l1b = math.log(beta), math.log1p(-beta)
-    if tail_bucket:
-        logq_tail, p_tail = _student_tail(z, logq, idx, valid, tail)
-    else:
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
-        logq = logq.masked_fill(~valid, -math.inf)
-        logq = (logq - torch.logsumexp(logq, -1, keepdim=True)).masked_fill(~valid, 0.0)
-
-    def terms(pk: torch.Tensor, logqk: torch.Tensor) -> torch.Tensor:
-        # log m = log(beta p + (1 - beta) q); p = 0 gives log p = -inf, which logaddexp absorbs.
-        logm = torch.logaddexp(lb + torch.log(pk), l1b + logqk)
-        return beta * (torch.xlogy(pk, pk) - pk * logm) + (1.0 - beta) * logqk.exp() * (logqk - logm)
-
-    out = terms(p, logq).masked_fill(~valid, 0.0).sum(-1)
-    if tail_bucket:
-        out = out + terms(p_tail, logq_tail)
-    return out
-
-
-def sparse_jsd_loss(
-    logits: torch.Tensor,
-    kd_indices: torch.Tensor,
-    kd_probs: torch.Tensor,
-    kd_tail: torch.Tensor,
-    kd_mask: torch.Tensor,
-    *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    tail_bucket: bool = True,
-    chunk_size: int = 0,
-    eps: float = 1e-8,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Generalized Jensen-Shannon divergence (TRL GKD's ``generalized_jsd_loss``) between
-    stored sparse teacher targets P and the student Q, in nats, times ``T**2``.
-
-    Shapes as :func:`sparse_kd_loss` (``logits [..., V]``, ``kd_indices``/``kd_probs``
-    ``[..., K]``, ``kd_tail``/``kd_mask`` ``[...]``). TRL's convention, matched exactly:
-    ``beta = 0`` is the forward KL(P || Q) and ``beta = 1`` the reverse KL(Q || P) (both
-    :func:`sparse_kd_loss`, which floors log P at ``log(eps)``); in between
-    ``beta KL(P || M) + (1 - beta) KL(Q || M)`` with ``M = beta P + (1 - beta) Q``, bounded
-    by ``-beta log beta - (1 - beta) log(1 - beta)`` nats. The endpoints are not the limits of
-    the mixture formula (it tends to 0 at both), exactly as in TRL, so a beta sweep
-    is not continuous at 0 and 1.
-
-    Temperature: the student's logits are divided by ``temperature``; the stored targets
-    are never re-tempered (they carry the capture temperature), and the result is scaled
-    by ``T**2`` (TRL divides both logits by T and does not scale). With every class kept
-    (K = V, tail 0) it equals TRL's dense formula; with a tail bucket it is the JSD of the
-    (K+1)-class lumped distributions (a lower bound of the dense JSD).
-    """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}")
-    if beta in (0.0, 1.0):
-        return sparse_kd_loss(logits, kd_indices, kd_probs, kd_tail, kd_mask, kind="forward" if beta == 0.0 else "reverse",
-                              temperature=temperature, tail_bucket=tail_bucket, chunk_size=chunk_size, eps=eps,
-                              reduction=reduction)
-    _check_sparse_args("forward", logits, kd_indices)
-
-    def fn(x, idx, p, tail):
-        return _sparse_jsd_rows(x, idx, p, tail, beta=beta, temperature=temperature, tail_bucket=tail_bucket)
-
-    loss = _reduce_positions(fn, logits, kd_mask.bool(), (kd_indices, kd_probs, kd_tail), chunk_size=chunk_size, reduction=reduction)
-    return loss * temperature**2
-
-
-def ce_and_stored_kd_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    kd_indices: torch.Tensor,
-    kd_probs: torch.Tensor,
-    kd_tail: torch.Tensor,
-    kd_mask: torch.Tensor,
-    *,
-    kind: str = "forward",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    tail_bucket: bool = True,
-    chunk_size: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(CE, KD)`` means against stored targets for every KD kind a recipe can name:
-    ``forward``/``reverse``/``symmetric`` (:func:`ce_and_sparse_kd_loss`, one shared
-    log-softmax) or ``jsd`` (:func:`ce_loss` and :func:`sparse_jsd_loss` with ``beta``)."""
-    if kind == "jsd":
-        return (ce_loss(logits, labels, chunk_size=chunk_size),
-                sparse_jsd_loss(logits, kd_indices, kd_probs, kd_tail, kd_mask, beta=beta, temperature=temperature,
-                                tail_bucket=tail_bucket, chunk_size=chunk_size))
-    return ce_and_sparse_kd_loss(logits, labels, kd_indices, kd_probs, kd_tail, kd_mask, kind=kind, temperature=temperature,
-                                 tail_bucket=tail_bucket, chunk_size=chunk_size)
