@@ -74,29 +74,10 @@ def heatmap(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage-steps", type=int, default=60)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--finetune-steps", type=int, default=150)
-    ap.add_argument("--doc-limit", type=int, default=300, help="training articles (the kd store covers the same ones)")
-    ap.add_argument("--work", default="/tmp/kdstore-continual-bench")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--fresh", action="store_true", help="retrain arms whose result.json is already in --work")
-    args = ap.parse_args()
-
-    import torch  # noqa: PLC0415
-
-    torch.set_num_threads(args.threads)
-    from trainer.continual.config import load_config  # noqa: PLC0415
-    from trainer.continual.finetune import FinetuneConfig, finetune  # noqa: PLC0415
-    from trainer.continual.loop import train  # noqa: PLC0415
-    from trainer.continual.schedule import parse_stages  # noqa: PLC0415
+def _stores(args, work: Path) -> tuple[dict[str, str], float]:
+    """The reference teacher's stores over the training and validation articles (cached)."""
     from trainer.continual.store import capture_articles  # noqa: PLC0415
-    from trainer.core.config import to_dict  # noqa: PLC0415
 
-    work = Path(args.work)
     t0 = time.perf_counter()
     stores = {}
     for split, kw in (("train", {"doc_limit": args.doc_limit}), ("validation", {"line_limit": 200})):
@@ -106,6 +87,16 @@ def main() -> int:
             capture_articles(uri, split=split, max_length=64, k=16, **kw)
         stores[split] = str(uri)
     t_store = time.perf_counter() - t0
+    return stores, t_store
+
+
+def _pretrain(args, work: Path, stores: dict[str, str]) -> tuple[dict, dict]:
+    """Every strategy's pre-training run (restartable: finished arms are reused)."""
+    from trainer.continual.config import load_config  # noqa: PLC0415
+    from trainer.continual.loop import train  # noqa: PLC0415
+    from trainer.continual.schedule import parse_stages  # noqa: PLC0415
+    from trainer.core.config import to_dict  # noqa: PLC0415
+
     common = [f"stage_steps={args.stage_steps}", "d_model=64", "n_layers=2", "n_heads=4", "d_ff=128", "max_len=64",
               "batch_size=16", "lr=2e-3", "warmup_steps=20", f"doc_limit={args.doc_limit}", "eval_examples=128",
               f"kd_store={stores['train']}", f"kd_eval_store={stores['validation']}", "progress=false", "log_every=20"]
@@ -130,6 +121,13 @@ def main() -> int:
         times[arm] = r["train_seconds"] if r is saved else time.perf_counter() - t1
         print(f"[bench] {arm}: {times[arm]:.0f} s, final {r['matrix'][str(len(r['stage_tasks']))]}", flush=True)
 
+    return results, times
+
+
+def _downstream(args, work: Path, results: dict) -> tuple[dict, float]:
+    """Fine-tuning each pre-trained encoder (and from scratch) on sentiment and POS, per seed."""
+    from trainer.continual.finetune import FinetuneConfig, finetune  # noqa: PLC0415
+
     down: dict[str, dict[str, list[float]]] = {}
     cache_path = work / "downstream.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() and not args.fresh else {}
@@ -149,6 +147,10 @@ def main() -> int:
             print(f"[bench] {task} {arm}: {down[task][arm]}", flush=True)
     t_down = time.perf_counter() - t2
 
+    return down, t_down
+
+
+def _report(args, work: Path, results: dict, times: dict, down: dict, t_store: float, t_down: float) -> str:
     heatmap(results, ROOT / "docs" / "img" / "continual_matrix.png")
     body = [
         f"Encoder: BERT-style, d_model 64, 2 layers, 4 heads, d_ff 128, max_len 64 "
@@ -203,6 +205,30 @@ def main() -> int:
     print(text)
     (work / "bench.json").write_text(json.dumps({"matrix": {a: r["matrix"] for a, r in results.items()},
                                                  "downstream": down, "times": times}, indent=2))
+    return text
+
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage-steps", type=int, default=60)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--finetune-steps", type=int, default=150)
+    ap.add_argument("--doc-limit", type=int, default=300, help="training articles (the kd store covers the same ones)")
+    ap.add_argument("--work", default="/tmp/kdstore-continual-bench")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="retrain arms whose result.json is already in --work")
+    args = ap.parse_args()
+
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    stores, t_store = _stores(args, work)
+    results, times = _pretrain(args, work, stores)
+    down, t_down = _downstream(args, work, results)
+    text = _report(args, work, results, times, down, t_store, t_down)
     if not args.no_write:
         write_section("continual", "Continual multi-task pre-training (seed 004)", text)
     return 0

@@ -21,6 +21,8 @@ MAX_FUNCTION_LINES = 80
 TRAINING_LOOPS = {
     "trainer/lm/student.py::_train": "the LM distillation / CE training loop",
     "trainer/classify/loop.py::train_classifier": "the classifier loop shared by R-Drop and the cascade",
+    "trainer/continual/loop.py::_train": "the continual multi-task pre-training loop",
+    "trainer/continual/finetune.py::finetune": "the downstream fine-tuning loop of the continual recipe",
 }
 
 
