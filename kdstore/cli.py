@@ -19,6 +19,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("store", "stats"): ("kdstore.tools", "stats_main", "histograms of kept mass, tail mass, entropy and k (PNG)"),
     ("store", "export"): ("kdstore.export", "main", "decoded rows as JSONL or plain-column Parquet (token strings, top-k)"),
     ("store", "align-report"): ("kdstore.align.report", "main", "vocabulary coverage of a student tokenizer, per policy"),
+    ("store", "align-build"): ("kdstore.align.report", "build_main", "write (or --check) the alignment file of a student tokenizer"),
     ("train", "student"): ("trainer.lm.student", "main", "distil a student from a store (or CE / online-teacher baselines)"),
     ("train", "lm"): ("trainer.lm.student", "lm_main", "train a causal LM on text with CE (reference teachers)"),
     ("train", "rdrop"): ("trainer.classify.rdrop", "main", "R-Drop fine-tuning across segmentation granularities"),

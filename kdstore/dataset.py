@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kdstore.store import TARGET_COLUMNS, DecodedRows, RawRows, Store, open as open_store
 
 IGNORE_INDEX = -100
+_TEXT_COLUMNS = ("text", "byte_start", "byte_end")
 
 
 class TargetRemap(Protocol):
@@ -87,6 +88,12 @@ class SoftLabelDataset(IterableDataset):
       entries of a position are in ascending index order (the top entry is ``kd_probs.argmax(-1)``)
     - ``sample_id`` list of B str, ``window`` ``[B]`` long, ``batch_index`` int
 
+    With ``sequence=`` (a :class:`kdstore.align.SequenceAligner`) batches are in the
+    **student's own tokenization** of each row's stored text (the store needs ``text`` and
+    byte offsets): the alignment runs here, in the DataLoader workers, on the same
+    deterministic row order, so resuming works as above (keys: see
+    :func:`kdstore.align.collate.collate_aligned`).
+
     Sequence-level stores give ``kd_indices``/``kd_probs`` ``[B, K]``, ``kd_tail`` and ``kd_counts`` ``[B]``, and
     ``labels`` ``[B]`` (-100 where the store has no label).
     """
@@ -103,6 +110,7 @@ class SoftLabelDataset(IterableDataset):
         world_size: int | None = None,
         drop_last: bool = False,
         remap: TargetRemap | None = None,
+        sequence: Any = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -115,6 +123,7 @@ class SoftLabelDataset(IterableDataset):
         self.rank, self.world_size = _dist_defaults(rank, world_size)
         self.drop_last = drop_last
         self.remap = remap
+        self.sequence = sequence
         self.epoch = 0
         self.start_batch = 0
         self._shard_rows = [s.rows for s in self.store.shards]
@@ -122,6 +131,18 @@ class SoftLabelDataset(IterableDataset):
         self._columns = list(TARGET_COLUMNS) + (["label"] if "label" in self.store.schema.names else [])
         sel = self.store.manifest.selection
         self._fixed_k = 0 if sel.variable else min(sel.k, self.store.manifest.teacher.vocab_size)
+        if sequence is not None:
+            if remap is not None:
+                raise ValueError("pass either remap= (teacher tokenization) or sequence= (student tokenization), not both")
+            if self.store.manifest.level != "token":
+                raise ValueError(f"{self.store.uri}: sequence alignment needs a token-level store")
+            missing = [c for c in _TEXT_COLUMNS if c not in self.store.schema.names]
+            if missing:
+                raise ValueError(
+                    f"{self.store.uri}: training on the student's own tokenization needs the stored text and byte offsets "
+                    f"(missing columns {missing}); re-capture with text stored (kd cache stores it unless --no-store-text)"
+                )
+            self._columns += list(_TEXT_COLUMNS)
 
     # -- order -------------------------------------------------------------------------
     @property
@@ -129,6 +150,8 @@ class SoftLabelDataset(IterableDataset):
         """Identifies the data order: same store contents and sharding parameters."""
         key = "|".join(s.checksum for s in self.store.shards)
         key += f"|{self.seed}|{self.shuffle}|{self.shuffle_block}|{self.world_size}|{self.batch_size}|{self.drop_last}"
+        if self.sequence is not None:
+            key += f"|seq:{self.sequence.fingerprint}"
         return xxhash.xxh3_64_hexdigest(key.encode())
 
     def set_epoch(self, epoch: int) -> None:
@@ -181,7 +204,10 @@ class SoftLabelDataset(IterableDataset):
         loader = _ShardPrefetcher(self._load_shard, first_use, ahead=max(1, self.shuffle_block))
         try:
             for n, (j, ids, shard_of) in enumerate(plan):
-                batch = self.collate(self._decode_rows(ids, shard_of, loader.get))
+                if self.sequence is not None:
+                    batch = self._aligned_batch(ids, shard_of, loader.get)
+                else:
+                    batch = self.collate(self._decode_rows(ids, shard_of, loader.get))
                 batch["batch_index"] = j
                 for s in np.unique(shard_of).tolist():
                     if last_use[s] == n:
@@ -203,11 +229,30 @@ class SoftLabelDataset(IterableDataset):
         raw = RawRows.gather(parts, fixed_k=self._fixed_k)
         return self.store.decode_raw(raw, source=f" (batch from {', '.join(files)})")
 
+    def _aligned_batch(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> dict[str, Any]:
+        """One batch in the student's tokenization (``sequence=``): decode the rows, gather
+        their text and byte offsets in the same order, align, collate."""
+        import pyarrow as pa  # noqa: PLC0415
+
+        from kdstore.align.collate import collate_aligned  # noqa: PLC0415
+        from kdstore.align.sequence import offset_lists  # noqa: PLC0415
+
+        d = self._decode_rows(ids, shard_of, get_shard)
+        texts = pa.concat_tables([get_shard(int(s)).text_columns.take(pa.array(ids[shard_of == s] - self._offsets[s]))
+                                  for s in np.unique(shard_of)])
+        where = f"{self.store.uri} (batch of {len(ids)} rows)"
+        tx, off, bs, be = offset_lists(texts, where)
+        rows = self.sequence.align_decoded(d, tx, off, bs, be, where=where)
+        return collate_aligned(rows, pad_id=getattr(self.sequence, "pad_id", 0))
+
     def _load_shard(self, i: int) -> RawRows:
         """Undecoded rows of shard ``i``: codes stay in their stored width (about 3 B per kept
         entry in memory); token hashes are mapped to ids once per shard."""
         source = f"/{self.store.shards[i].file}"
-        raw = self.store.raw(self.store.read_shard(i, columns=self._columns), source=source)
+        table = self.store.read_shard(i, columns=self._columns)
+        raw = self.store.raw(table, source=source)
+        if self.sequence is not None:
+            raw.text_columns = table.select(list(_TEXT_COLUMNS))  # read with the shard, taken per batch
         if raw.tokens is not None:
             raw.tokens = self.store.token_ids(raw.tokens, where=source)
             raw.tokens_are_ids = True

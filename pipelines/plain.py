@@ -75,8 +75,12 @@ def cache_with_model(
     shard_bytes: int = 8 << 20,
     progress: bool = False,
     device: str = "cpu",
+    store_text: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Capture ``texts`` with an in-memory causal LM into one store per ``{uri: Selection}``.
+
+    ``store_text``: also store each window's text and its tokens' UTF-8 byte offsets (what a
+    student with its own tokenizer needs: ``kd train student --tokenizer STUDENT_DIR``).
 
     ``tokenizer``: the teacher's fast HF tokenizer (its template's special tokens are
     added, as in ``kd cache``); samples longer than ``max_length`` tokens become
@@ -101,6 +105,7 @@ def cache_with_model(
     runner = TeacherRunner(teacher=TeacherSpec(path=path, level="token"), selection=sels[0], pad_id=int(pad),
                            batch=BatchSpec(), model=TeacherModel.of_hf(model), progress=progress)
     writers = [StoreWriter(uri, teacher=info, selection=sel, bits=bits, overwrite=overwrite, shard_bytes=shard_bytes,
+                           columns={"text": True, "offsets": True} if store_text else None,
                            pipeline={"tool": "pipelines.plain.cache_with_model", "max_length": max_length})
                for uri, sel in stores.items()]
     for w in writers:
@@ -109,7 +114,7 @@ def cache_with_model(
     try:
         counts = _capture_loop(
             records, encoder=EncoderSpec(kind="tokenizers", source=tokenizer.backend_tokenizer.to_str()),
-            spec=WindowSpec(max_length=max_length, overflow="window", store_text=False, offsets=False), runner=runner,
+            spec=WindowSpec(max_length=max_length, overflow="window", store_text=store_text, offsets=store_text), runner=runner,
             writers=writers, vocab=vocab, batch_tokens=batch_size * max_length, dedupe_ids=True, selections=sels,
         )
     except BaseException:

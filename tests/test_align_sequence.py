@@ -155,7 +155,7 @@ def test_cross_tokenizer_targets_share_the_text_prefix(stores, t_kind, s_kind):
 def test_store_without_text_is_rejected(tmp_path):
     tok = corpus_tokenizers()["bpe"]
     store = synthetic_store(tmp_path / "s", tok, ["中国人民"], offsets=False)
-    with pytest.raises(ValueError, match="text=True, offsets=True"):
+    with pytest.raises(ValueError, match="re-run the capture with text and offsets stored"):
         SequenceAligner(student=tok).align_batch(store, next(store.iter_batches()))
 
 

@@ -98,3 +98,28 @@ def test_demo_help_lists_the_knobs(capsys):
     text = capsys.readouterr().out
     for knob in ("--steps", "--select", "--capture-lines", "--out", "--recipe", "--quant-bits", "--rebuild-teacher"):
         assert knob in text
+
+
+def test_demo_cross_tokenizer_student_reads_its_own_tokenization(demo_report, tmp_path):
+    from align_synth import corpus_tokenizers
+
+    out, _ = demo_report
+    uni = corpus_tokenizers()["unigram"].name_or_path
+    teacher = Recipe(name="demo-test-teacher", model="micro", max_steps=60, batch_size=16, seq_len=64,
+                     warmup_steps=5, tokenizer_vocab=1000)
+    cfg = DemoConfig(
+        out_dir=str(tmp_path / "x"), cache_dir=str(out.parent / "cache"), capture_lines=120, steps=6, batch_size=8,
+        eval_batches=2, student="micro", fidelity_windows=4, max_length=64, progress=False, recipe_override=teacher,
+        student_tokenizer=uni,
+    )
+    report = run_demo(cfg)
+    for name in ("student", "baseline"):
+        r = report["runs"][name]
+        assert "student's own tokenization" in r["data"] and r["eval_bpc"] > 0
+    assert "bits per character" in (tmp_path / "x" / "report.md").read_text(encoding="utf-8")
+
+
+def test_demo_rejects_an_unknown_student_tokenizer(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--student-tokenizer", "sentencepiece-xl"])
+    assert exc.value.code == 2 and "--student-tokenizer" in capsys.readouterr().err

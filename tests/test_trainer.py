@@ -148,8 +148,9 @@ def test_student_with_an_aligned_vocabulary(world, tmp_path):
     student_tok = train_bpe_tokenizer(texts, tmp_path / "stok", vocab_size=200)
     al = VocabAlignment.build(open_store(world["topk"]), str(student_tok), policy="extend")
     path = al.save(tmp_path / "align.parquet")
-    res = train(_cfg(world, tmp_path / "aligned", align=str(path), tokenizer=str(student_tok), max_steps=4,
-                     eval_data=world["val_text"]))
+    # The old input-mapping path, under its explicit name (the student reads mapped teacher tokens).
+    res = train(_cfg(world, tmp_path / "aligned", teacher_segmentation_align=str(path), tokenizer=str(student_tok),
+                     max_steps=4, eval_data=world["val_text"]))
     assert res["vocab_size"] == al.vocab_size > 200  # resized to the aligned vocabulary (extend adds tokens)
     assert res["eval_kl_kind"] == "none" and res["eval_ce"] > 0
 

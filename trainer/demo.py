@@ -43,6 +43,9 @@ class DemoConfig:
     quant_bits: int = 8
     max_length: int = 128  # capture window (tokens)
     student: str = "student-tiny"
+    # "" = the teacher's tokenizer; unigram | wordpiece | bpe (8k, trained on the corpus once and
+    # cached) or a tokenizer directory: the cross-tokenizer path (the student reads its own tokenization).
+    student_tokenizer: str = ""
     steps: int = 300
     # The student's optimiser settings are the reference student recipe's (trainer.lm.reference
     # RECIPES["cpu-student"]): batch 16, lr 2e-3 with embeddings x30 (short-run regime).
@@ -110,9 +113,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t = _section(f"5/6 students: {cfg.student}, {cfg.steps} steps, KD (a={cfg.kd_weight}) vs CE-only")
     runs = {}
+    student_tok = _student_tokenizer(cfg, cache)
     for name, kd in (("student", cfg.kd_weight), ("baseline", 0.0)):
         print(f"--- {name} (kd_weight={kd})", flush=True)
-        runs[name] = _train_student(cfg, store_uri, teacher_dir, out / name, kd_weight=kd)
+        runs[name] = _train_student(cfg, store_uri, teacher_dir, out / name, kd_weight=kd, tokenizer=student_tok)
     timings["students_s"] = time.perf_counter() - t
 
     t = _section("6/6 report")
@@ -125,8 +129,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                   "bytes_per_entry": m.totals["bytes"] / max(1, m.totals["entries"]),
                   "dead_letters": m.totals["dead_letters"], "summary": _jsonable(summary)},
         "fidelity": fidelity,
-        "runs": {name: {k: r.get(k) for k in ("parameters", "eval_ce", "eval_ppl", "eval_kl", "train_seconds",
-                                               "step_time_median", "steps")} for name, r in runs.items()},
+        "runs": {name: {k: r.get(k) for k in ("parameters", "eval_ce", "eval_ppl", "eval_kl", "eval_bpc", "train_seconds",
+                                               "step_time_median", "steps", "data")} for name, r in runs.items()},
         "timings": timings,
     }
     s, b = runs["student"], runs["baseline"]
@@ -194,14 +198,30 @@ def _capture(cfg: DemoConfig, teacher_dir: Path, corpus: Path, store_uri: str) -
     capture_run(argv)
 
 
-def _train_student(cfg: DemoConfig, store_uri: str, teacher_dir: Path, out: Path, *, kd_weight: float) -> dict[str, Any]:
+def _student_tokenizer(cfg: DemoConfig, cache: Path) -> Path | None:
+    """The student's own tokenizer (``--student-tokenizer``), or None for the teacher's."""
+    if not cfg.student_tokenizer:
+        return None
+    if Path(cfg.student_tokenizer).is_dir():
+        return Path(cfg.student_tokenizer)
+    from trainer.data.tokenizers import KINDS, prepare_tokenizer  # noqa: PLC0415
+
+    if cfg.student_tokenizer not in KINDS:
+        raise ValueError(f"--student-tokenizer {cfg.student_tokenizer!r}: expected one of {KINDS} or a tokenizer directory")
+    return prepare_tokenizer(kind=cfg.student_tokenizer, vocab_size=8000, cache_dir=cache / "tokenizers")
+
+
+def _train_student(cfg: DemoConfig, store_uri: str, teacher_dir: Path, out: Path, *, kd_weight: float,
+                   tokenizer: Path | None = None) -> dict[str, Any]:
     from trainer.core.config import TrainConfig  # noqa: PLC0415
     from trainer.lm.student import train  # noqa: PLC0415
 
     tc = TrainConfig(
         store=store_uri, model=cfg.student, kd_weight=kd_weight, temperature=cfg.temperature, max_steps=cfg.steps,
         batch_size=cfg.batch_size, lr=cfg.lr, lr_embed_mult=cfg.lr_embed_mult, warmup_steps=max(1, cfg.steps // 10), seed=cfg.seed,
-        eval_data="peoples_daily:validation", tokenizer=str(teacher_dir), eval_teacher=str(teacher_dir),
+        eval_data="peoples_daily:validation", tokenizer=str(tokenizer or teacher_dir),
+        # KL to the teacher on text needs its vocabulary: only for a student that shares it.
+        eval_teacher="" if tokenizer else str(teacher_dir),
         # The curves need held-out CE only; the KL to the teacher (a teacher pass over the
         # validation split) is computed once, at the end.
         eval_batches=cfg.eval_batches, eval_every=max(1, cfg.steps // 4), eval_kl="final", log_every=max(1, cfg.steps // 20),
@@ -317,6 +337,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"| baseline (CE only, same data/steps) | {b['parameters']:,} | {b['eval_ce']:.4f} | {b['eval_ppl']:.2f} "
         f"| {_fmt(b.get('eval_kl'))} | {b['train_seconds']:.0f} |",
         "",
+        f"Held-out bits per character on the student's own tokenization ({s.get('data') or ''}): student "
+        f"{_fmt(s.get('eval_bpc'))}, baseline {_fmt(b.get('eval_bpc'))}.",
         f"Student vs baseline: held-out CE {'-' if r['ce_gain'] >= 0 else '+'}{abs(r['ce_gain']):.4f} nats/token "
         f"({'KD helps' if r['student_beats_baseline'] else 'KD did not help in this budget'}).",
         f"Wall time: {r['timings']['total_s']:.0f}s (" + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in r["timings"].items() if k != "total_s") + ").",
@@ -357,6 +379,8 @@ def main(argv: list[str] | None = None, prog: str = "kd demo") -> int:
     ap.add_argument("--samples", type=int, default=d.samples)
     ap.add_argument("--quant-bits", type=int, default=d.quant_bits, choices=(8, 16))
     ap.add_argument("--student", default=d.student, help="student model preset")
+    ap.add_argument("--student-tokenizer", default=d.student_tokenizer,
+                    help="the student's own tokenizer: unigram | wordpiece | bpe (8k) or a directory; default: the teacher's")
     ap.add_argument("--steps", type=int, default=d.steps, help="training steps of the student and of the baseline")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--lr", type=float, default=d.lr, help="student learning rate")
@@ -369,10 +393,12 @@ def main(argv: list[str] | None = None, prog: str = "kd demo") -> int:
                     help="train the reference teacher by its recipe (minutes) instead of using the shipped artifact")
     ap.add_argument("--no-progress", action="store_true")
     args, beam_args = ap.parse_known_args(argv)
+    if args.student_tokenizer and args.student_tokenizer not in ("bpe", "wordpiece", "unigram") and not Path(args.student_tokenizer).is_dir():
+        ap.error(f"--student-tokenizer {args.student_tokenizer!r}: expected unigram, wordpiece, bpe or a tokenizer directory")
     cfg = DemoConfig(
         out_dir=args.out, cache_dir=args.cache_dir, recipe=args.recipe, capture_lines=args.capture_lines,
         select=args.select, k=args.k, p=args.p, max_k=args.max_k, samples=args.samples, quant_bits=args.quant_bits,
-        student=args.student, steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_embed_mult=args.lr_embed_mult, kd_weight=args.kd_weight,
+        student=args.student, student_tokenizer=args.student_tokenizer, steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_embed_mult=args.lr_embed_mult, kd_weight=args.kd_weight,
         temperature=args.temperature, eval_batches=args.eval_batches, seed=args.seed, progress=not args.no_progress,
         beam_args=beam_args, rebuild_teacher=args.rebuild_teacher,
     )

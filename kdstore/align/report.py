@@ -82,22 +82,30 @@ def coverage_report(store: Any, student: Any, *, policies=POLICIES, teacher_conv
     }
     first = None
     for policy in policies:
-        al = VocabAlignment.build(store, st, policy=policy, teacher_convention=teacher_convention)
+        # "extend" appends only the teacher ids the store uses (seed 001), as align-build does.
+        al = VocabAlignment.build(store, st, policy=policy, teacher_convention=teacher_convention,
+                                  used=usage.used if policy == "extend" else None)
         first = first or al
         cov = al.coverage(usage.mass)
+        # An input token is kept when the student reads it as one id standing for its whole text:
+        # a match or a new entry. Under first_piece/split/tail a multi-piece token is fed as its
+        # first piece (the rest of its text is lost): counted apart, never as mapped.
         mapped_inputs = np.isin(al.rule_codes, [RULES.index(r) for r in (*MATCH_RULES, "extend")])
+        truncated = np.isin(al.rule_codes, [RULES.index(r) for r in ("first_piece", "split", "tail")])
         out["policies"][policy] = {
             "aligned_vocab_size": al.vocab_size,
             "new_tokens": len(al.new_tokens),
             "rules": cov,
             "mapped_mass_share": 1.0 - sum(cov[r]["mass_share"] for r in ("tail", "unmappable", "padding")),
             "input_coverage": float(usage.inputs[mapped_inputs].sum()) / max(1, n_inputs),
+            "input_first_piece_only": float(usage.inputs[truncated].sum()) / max(1, n_inputs),
         }
     if first is not None:
         out["teacher_convention"] = first.meta["teacher"]["convention"]
         out["student_convention"] = first.meta["student"]["convention"]
     seq_ok = sequence_rows > 0 and _has_offsets(store)
-    out["sequence"] = _sequence_stats(store, st, first, rows=sequence_rows) if seq_ok else None
+    fp = VocabAlignment.build(store, st, policy="first_piece", teacher_convention=teacher_convention) if seq_ok else None
+    out["sequence"] = _sequence_stats(store, st, fp, rows=sequence_rows) if seq_ok else None
     return out
 
 
@@ -108,7 +116,7 @@ def _has_offsets(store: Any) -> bool:
 
 def _sequence_stats(store: Any, student: Any, alignment: Any, *, rows: int) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    for mode in ("boundary", "one_to_one"):
+    for mode in ("boundary", "one_to_one", "groups"):
         aligner = SequenceAligner(student=student, alignment=alignment, mode=mode)
         tot: dict[str, int] = {}
         seen = 0
@@ -142,10 +150,11 @@ def format_report(rep: dict[str, Any]) -> str:
             continue
         lines.append(f"{r:<14}" + "".join(f"{100 * v:>19.2f}{100 * m:>19.2f}" for v, m in cells))
     lines.append("")
-    lines.append("policy        aligned vocab   new entries   mass mapped%   inputs mapped%")
+    lines.append("policy        aligned vocab   new entries   mass mapped%   inputs mapped%   inputs as first piece only%")
     for p in pols:
         q = rep["policies"][p]
-        lines.append(f"{p:<14}{q['aligned_vocab_size']:>13}{q['new_tokens']:>14}{100 * q['mapped_mass_share']:>15.2f}{100 * q['input_coverage']:>17.2f}")
+        lines.append(f"{p:<14}{q['aligned_vocab_size']:>13}{q['new_tokens']:>14}{100 * q['mapped_mass_share']:>15.2f}"
+                     f"{100 * q['input_coverage']:>17.2f}{100 * q.get('input_first_piece_only', 0.0):>30.2f}")
     seq = rep.get("sequence")
     if seq:
         lines.append("")
@@ -189,4 +198,45 @@ def main(argv: list[str] | None = None, prog: str = "kd store align-report") -> 
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
         print(f"\nJSON written to {args.json}")
+    return 0
+
+
+def build_main(argv: list[str] | None = None, prog: str = "kd store align-build") -> int:
+    """``kd store align-build URI --student-tokenizer DIR --out FILE``: write an alignment file
+    (``--check FILE``: verify an existing one belongs to this store and student tokenizer)."""
+    ap = argparse.ArgumentParser(prog=prog, description="Write (or check) the vocabulary alignment of a store's teacher "
+                                 "with a student tokenizer: the third vocabulary used by 'kd train student --align'.")
+    ap.add_argument("uri", help="store directory or URI")
+    ap.add_argument("--student-tokenizer", required=True, help="student tokenizer directory (save_pretrained) or tokenizer.json")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", help="alignment file to write (*.parquet, or *.json)")
+    g.add_argument("--check", metavar="FILE", help="only check that FILE belongs to this store and student tokenizer")
+    ap.add_argument("--policy", choices=POLICIES, default="first_piece",
+                    help="unmatched teacher tokens (default first_piece: the student tokenizer's first piece)")
+    ap.add_argument("--teacher-convention", choices=("byte_level", "sentencepiece", "wordpiece", "plain"))
+    ap.add_argument("--max-rows", type=int, default=None, help="rows scanned for the used-id mask (extend policy)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    import kdstore  # noqa: PLC0415
+
+    try:
+        store = kdstore.open(args.uri)
+        st = load_student(args.student_tokenizer)
+        if args.check:
+            al = VocabAlignment.load(args.check, store=store, student=st)
+            print(f"{args.check}: OK for {store.uri} and {args.student_tokenizer} (policy {al.policy}, "
+                  f"aligned vocab {al.vocab_size})")
+            return 0
+        used = scan_store(store, max_rows=args.max_rows, progress=not args.quiet).used if args.policy == "extend" else None
+        al = VocabAlignment.build(store, st, policy=args.policy, teacher_convention=args.teacher_convention, used=used)
+        path = al.save(args.out)
+        VocabAlignment.load(path, store=store, student=st)  # what a training will check
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    cov = al.coverage()
+    matched = sum(cov[r]["count"] for r in MATCH_RULES)
+    print(f"wrote {path}: policy {al.policy}, teacher vocab {al.teacher_vocab_size}, aligned vocab {al.vocab_size} "
+          f"({len(al.new_tokens)} new entries), {matched} teacher ids matched; checked against {store.uri} and "
+          f"{args.student_tokenizer}")
     return 0

@@ -39,7 +39,7 @@ import pyarrow as pa
 from kdstore.align.student import load_student
 
 KINDS = ("outside", "1:1", "1:n", "n:1", "n:m", "open")
-MODES = ("boundary", "one_to_one")
+MODES = ("boundary", "one_to_one", "groups", "chain")
 
 
 _Z = 64  # zero-width tokens at one byte position are ordered by their rank (< 64)
@@ -85,6 +85,37 @@ def _increasing(idx: np.ndarray, key: np.ndarray) -> np.ndarray:
     return idx[keep]
 
 
+def group_closers(
+    teacher_start: np.ndarray,
+    teacher_end: np.ndarray,
+    student_start: np.ndarray,
+    student_end: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The common boundaries of one row: ``(t_close [G], s_close [G], inside [S] bool, s0)``.
+
+    Group ``g`` closes at teacher position ``t_close[g]`` and student token ``s_close[g]``
+    (both ascending); ``inside``: student tokens within the teacher's byte span; ``s0``: the
+    first inside student token (group 0 starts there). Empty arrays when nothing aligns.
+    """
+    ts, te = np.asarray(teacher_start, np.int64), np.asarray(teacher_end, np.int64)
+    ss, se = np.asarray(student_start, np.int64), np.asarray(student_end, np.int64)
+    S = len(ss)
+    none = np.zeros(0, dtype=np.int64)
+    t_key, t_pos, t_ok = _closers(ts, te)
+    if not t_ok.any() or S == 0:
+        return none, none, np.zeros(S, dtype=bool), 0
+    lo, hi = int(ts[t_ok].min()), int(t_pos[t_ok].max())
+    s_key, s_pos, s_ok = _closers(ss, se)
+    inside = (ss >= lo) & (s_pos <= hi)
+    s_ok &= inside
+    ti = _increasing(np.flatnonzero(t_ok), t_key)
+    sj = _increasing(np.flatnonzero(s_ok), s_key)
+    _, a, b = np.intersect1d(t_key[ti], s_key[sj], assume_unique=True, return_indices=True)
+    first_in = np.flatnonzero(inside)
+    s0 = int(first_in[0]) if len(first_in) else 0
+    return ti[a], sj[b], inside, s0  # ascending together (keys increase on both sides)
+
+
 def align_offsets(
     teacher_start: np.ndarray,
     teacher_end: np.ndarray,
@@ -101,31 +132,18 @@ def align_offsets(
     containing ``j`` (index into :data:`KINDS`: ``outside`` the teacher's byte span — another
     window's text —, ``1:1`` ... ``n:m``, or ``open``: inside the span but after the last
     common boundary). Teacher positions below ``context_len`` (overlap context of a window)
-    are never targets.
+    are never targets. (``mode="groups"`` targets come from :mod:`kdstore.align.groups`;
+    here they are the ``boundary`` ones.)
     """
     if mode not in MODES:
         raise ValueError(f"unknown sequence alignment mode {mode!r}; choose one of {MODES}")
-    ts, te = np.asarray(teacher_start, np.int64), np.asarray(teacher_end, np.int64)
-    ss, se = np.asarray(student_start, np.int64), np.asarray(student_end, np.int64)
-    S = len(ss)
+    S = len(student_start)
     target = np.full(S, -1, dtype=np.int64)
     kind = np.zeros(S, dtype=np.uint8)
-    t_key, t_pos, t_ok = _closers(ts, te)
-    if not t_ok.any() or S == 0:
+    t_close, s_close, inside, s0 = group_closers(teacher_start, teacher_end, student_start, student_end)
+    if not len(t_close):
         return target, kind
-    lo, hi = int(ts[t_ok].min()), int(t_pos[t_ok].max())
-    s_key, s_pos, s_ok = _closers(ss, se)
-    inside = (ss >= lo) & (s_pos <= hi)
-    s_ok &= inside
-    ti = _increasing(np.flatnonzero(t_ok), t_key)
-    sj = _increasing(np.flatnonzero(s_ok), s_key)
-    common, a, b = np.intersect1d(t_key[ti], s_key[sj], assume_unique=True, return_indices=True)
-    if not len(common):
-        return target, kind
-    t_close, s_close = ti[a], sj[b]  # ascending together (keys increase on both sides)
     # Group sizes in tokens (fragments and markers included) of each side.
-    first_in = np.flatnonzero(inside)
-    s0 = int(first_in[0]) if len(first_in) else 0
     n_t = np.diff(np.concatenate([[-1], t_close]))
     n_s = np.diff(np.concatenate([[s0 - 1], s_close]))
     gk = np.where(n_t == 1, np.where(n_s == 1, 1, 2), np.where(n_s == 1, 3, 4)).astype(np.uint8)
@@ -156,11 +174,15 @@ class AlignedRows:
     positions ``[R+1]`` offsets into S; input_ids ``[S]`` student ids (the student's own
     tokenization of each row's text); byte_start/byte_end ``[S]``; teacher_pos ``[S]``
     global teacher position (into the decoded P axis) of the target, -1 for none;
-    target_mask ``[S]`` bool; kind ``[S]`` uint8 group kind (:data:`KINDS`); counts ``[S]``,
-    indices ``[E]``, probs ``[E]`` float32, tail ``[S]`` float32: the targets in the aligned
-    vocabulary (0 entries and tail 0 where masked). stats: ``student_tokens``, ``in_window``
-    (student tokens inside their row's teacher span: the denominator of the target
-    fraction), ``targets``, ``teacher_tokens`` and ``in_<kind>`` counts.
+    target_mask ``[S]`` bool; kind ``[S]`` uint8 group kind (:data:`KINDS`); depth ``[S]``
+    student tokens read inside the current group (0 at a boundary; ``groups`` mode);
+    counts ``[S]``, indices ``[E]``, probs ``[E]`` float32, tail ``[S]`` float32: the targets
+    in the aligned vocabulary (0 entries and tail 0 where masked). ``chain`` mode adds
+    chain_logc ``[S]`` (log of the teacher's chain-rule product over the group that the
+    position's prediction starts, 0 elsewhere) and chain_start ``[S]`` (row-local index of
+    the group-start position a token's prediction belongs to, -1 for none). stats:
+    ``student_tokens``, ``in_window`` (student tokens inside their row's teacher span: the
+    denominator of the target fraction), ``targets``, ``teacher_tokens``, ``in_<kind>``.
     """
 
     sample_id: list[str]
@@ -176,6 +198,32 @@ class AlignedRows:
     probs: np.ndarray
     tail: np.ndarray
     stats: dict[str, int] = field(default_factory=dict)
+    depth: np.ndarray | None = None
+    chain_logc: np.ndarray | None = None
+    chain_start: np.ndarray | None = None
+    window: np.ndarray | None = None
+    context_start: np.ndarray | None = None  # [R] first byte of each row's non-context text
+
+
+def offset_lists(batch: pa.RecordBatch | pa.Table, where: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """``(texts, offsets [R+1], byte_start [N], byte_end [N])`` of a batch with text and offsets."""
+    names = batch.schema.names
+    missing = [c for c in ("text", "byte_start", "byte_end") if c not in names]
+    if missing:
+        raise ValueError(
+            f"{where}: sequence alignment needs the columns {missing}, which this store does not have; "
+            f"re-run the capture with text and offsets stored (kd cache stores them unless --no-store-text)"
+        )
+    texts = batch.column("text").to_pylist()
+    bs_col, be_col = batch.column("byte_start"), batch.column("byte_end")
+    if isinstance(bs_col, pa.ChunkedArray):
+        bs_col, be_col = bs_col.combine_chunks(), be_col.combine_chunks()
+    # A sliced list array keeps its parent's values: read them through its own offsets.
+    bs_off, bs_all = _list_values(bs_col)
+    be_off, be_all = _list_values(be_col)
+    if not np.array_equal(bs_off, be_off):
+        raise ValueError(f"{where}: byte_start and byte_end lists differ in length; the shard is corrupt")
+    return texts, bs_off, bs_all, be_all
 
 
 class SequenceAligner:
@@ -185,68 +233,98 @@ class SequenceAligner:
     >>> for batch in store.iter_batches(): rows = aligner.align_batch(store, batch)
 
     ``alignment`` maps teacher ids into the student's vocabulary (None: keep teacher ids —
-    only meaningful when both share a vocabulary). Offsets are UTF-8 byte offsets into each
-    row's ``text``.
+    only meaningful when both share a vocabulary, or for a vocabulary-free loss such as
+    ULD). Offsets are UTF-8 byte offsets into each row's ``text``. Modes: ``boundary``
+    (targets where a group closes), ``one_to_one``, ``groups`` (also every position inside
+    a 1:n group, :mod:`kdstore.align.groups`; needs an alignment with a spelling) and
+    ``chain`` (boundary targets by first piece plus the chain-rule group products).
     """
 
     def __init__(self, *, student: Any, alignment: Any = None, mode: str = "boundary", add_special_tokens: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown sequence alignment mode {mode!r}; choose one of {MODES}")
+        if mode in ("groups", "chain") and getattr(alignment, "spell_ptr", None) is None:
+            raise ValueError(
+                f"sequence alignment mode {mode!r} needs a vocabulary alignment with the student's spelling of every "
+                f"teacher token; build one with VocabAlignment.build (or 'kd store align-build'; older files lack it)"
+            )
         self.student = load_student(student)
         self.alignment = alignment
         self.mode = mode
         self.add_special_tokens = add_special_tokens
+        self._spell = None
+        if mode in ("groups", "chain"):
+            from kdstore.align.groups import padded_spelling  # noqa: PLC0415
+
+            self._spell = padded_spelling(alignment.spell_ptr, alignment.spell_col)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what the aligner produces (student vocabulary, mode, alignment)."""
+        al = self.alignment
+        key = f"{self.student.fingerprint}|{self.mode}|{self.add_special_tokens}|"
+        key += "none" if al is None else f"{al.policy}|{al.vocab_size}|{al.meta.get('teacher', {}).get('fingerprint')}"
+        return key
 
     def align_batch(self, store: Any, batch: pa.RecordBatch | pa.Table) -> AlignedRows:
-        names = batch.schema.names
-        missing = [c for c in ("text", "byte_start", "byte_end") if c not in names]
-        if missing:
-            raise ValueError(
-                f"{store.uri}: sequence alignment needs the columns {missing}, which this store does not have; "
-                f"re-run the capture with text and offsets stored (columns text=True, offsets=True)"
-            )
-        d = store.decode(batch)
-        texts = batch.column("text").to_pylist()
-        bs_col, be_col = batch.column("byte_start"), batch.column("byte_end")
-        if isinstance(bs_col, pa.ChunkedArray):
-            bs_col, be_col = bs_col.combine_chunks(), be_col.combine_chunks()
-        # A sliced list array keeps its parent's values: read them through its own offsets.
-        bs_off, bs_all = _list_values(bs_col)
-        be_off, be_all = _list_values(be_col)
-        if not np.array_equal(bs_off, be_off):
-            raise ValueError(f"{store.uri}: byte_start and byte_end lists differ in length; the shard is corrupt")
+        texts, bs_off, bs_all, be_all = offset_lists(batch, store.uri)
+        return self.align_decoded(store.decode(batch), texts, bs_off, bs_all, be_all, where=store.uri)
+
+    def align_decoded(self, d: Any, texts: list[str | None], bs_off: np.ndarray, bs_all: np.ndarray,
+                      be_all: np.ndarray, *, where: str = "") -> AlignedRows:
+        """Align decoded rows ``d`` (:class:`~kdstore.store.DecodedRows`) given their texts and
+        teacher byte offsets (``offset_lists`` layout)."""
         for r, t in enumerate(texts):
             if t is None:
-                raise ValueError(f"{store.uri}: row {d.sample_id[r]!r} window {int(d.window[r])} has no text; cannot align it by byte offsets")
+                raise ValueError(f"{where}: row {d.sample_id[r]!r} window {int(d.window[r])} has no text; cannot align it by byte offsets")
+        from kdstore.align.groups import row_layout  # noqa: PLC0415
+
         encs = self.student.encode_offsets(texts, add_special_tokens=self.add_special_tokens)
-        ids, sstart, send, tpos, kinds = [], [], [], [], []
+        deep = self.mode == "groups"
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "bs", "be", "tpos", "kind", "depth", "gstart")}
+        n_groups = []
+        ctx_start = np.zeros(len(texts), dtype=np.int64)
         for r, (sid_ids, s_bs, s_be) in enumerate(encs):
             p0, p1 = int(d.positions[r]), int(d.positions[r + 1])
             o0 = int(bs_off[r])
             t_bs, t_be = bs_all[o0 : o0 + (p1 - p0)], be_all[o0 : o0 + (p1 - p0)]
             if len(t_bs) != p1 - p0:
-                raise ValueError(f"{store.uri}: row {d.sample_id[r]!r}: {len(t_bs)} byte offsets for {p1 - p0} tokens")
-            target, kind = align_offsets(t_bs, t_be, s_bs, s_be, context_len=int(d.context_len[r]), mode=self.mode)
-            ids.append(sid_ids)
-            sstart.append(s_bs)
-            send.append(s_be)
-            tpos.append(np.where(target >= 0, target + p0, -1))
-            kinds.append(kind)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        positions = np.zeros(len(ids) + 1, dtype=np.int64)
+                raise ValueError(f"{where}: row {d.sample_id[r]!r}: {len(t_bs)} byte offsets for {p1 - p0} tokens")
+            c = int(d.context_len[r])
+            ctx_start[r] = int(t_bs[c]) if c < len(t_bs) else (int(t_be[-1]) if len(t_be) else 0)
+            _, kind = align_offsets(t_bs, t_be, s_bs, s_be, context_len=c, mode="boundary")
+            t_close, s_close, inside, s0 = group_closers(t_bs, t_be, s_bs, s_be)
+            if self.mode == "one_to_one":
+                target, _ = align_offsets(t_bs, t_be, s_bs, s_be, context_len=c, mode="one_to_one")
+                depth, gstart = np.zeros(len(target), np.int64), np.zeros(len(target), np.int64)
+            else:
+                target, depth, gstart = row_layout(t_close, s_close, inside, s0, context_len=c, deep=deep)
+            for k, v in zip(cols, (sid_ids, s_bs, s_be, np.where(target >= 0, target + p0, -1), kind, depth, gstart)):
+                cols[k].append(v)
+            n_groups.append((t_close + p0, s_close, s0))
+        lengths = np.fromiter((len(x) for x in cols["ids"]), dtype=np.int64, count=len(encs))
+        positions = np.zeros(len(encs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=positions[1:])
-        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
-        input_ids, teacher_pos, kind = cat(ids, np.int64), cat(tpos, np.int64), cat(kinds, np.uint8)
+
+        def cat(k: str, dt) -> np.ndarray:
+            return np.concatenate(cols[k]).astype(dt) if cols[k] else np.zeros(0, dt)
+
+        input_ids, teacher_pos, kind, depth = cat("ids", np.int64), cat("tpos", np.int64), cat("kind", np.uint8), cat("depth", np.int64)
         mask = teacher_pos >= 0
-        # Gather the selected teacher positions' entries (vectorised), then remap them.
-        sel = teacher_pos[mask]
-        cnt = d.counts[sel]
-        first = np.cumsum(cnt) - cnt
-        e = np.repeat(d.entry_offsets[sel] - first, cnt) + np.arange(int(cnt.sum()), dtype=np.int64)
-        indices, probs, tail_sel = d.indices[e], d.probs[e], d.tail[sel]
-        if self.alignment is not None:
-            indices, probs, cnt, extra = self.alignment.map_targets(indices, probs, cnt)
-            tail_sel = tail_sel + extra
+        if self._spell is not None:
+            mask, cnt, indices, probs, tail_sel = self._spelled_targets(
+                d, input_ids, positions, teacher_pos, depth, cat("gstart", np.int64) + np.repeat(positions[:-1], lengths))
+        else:
+            # Gather the selected teacher positions' entries (vectorised), then remap them.
+            sel = teacher_pos[mask]
+            cnt = d.counts[sel]
+            first = np.cumsum(cnt) - cnt
+            e = np.repeat(d.entry_offsets[sel] - first, cnt) + np.arange(int(cnt.sum()), dtype=np.int64)
+            indices, probs, tail_sel = d.indices[e], d.probs[e], d.tail[sel]
+            if self.alignment is not None:
+                indices, probs, cnt, extra = self.alignment.map_targets(indices, probs, cnt)
+                tail_sel = tail_sel + extra
+        teacher_pos = np.where(mask, teacher_pos, -1)
         counts = np.zeros(len(input_ids), dtype=np.int64)
         counts[mask] = cnt
         tail = np.zeros(len(input_ids), dtype=np.float32)
@@ -255,8 +333,55 @@ class SequenceAligner:
         stats = {"student_tokens": int(len(input_ids)), "in_window": int(len(input_ids) - kc[0]),
                  "targets": int(mask.sum()), "teacher_tokens": int(len(d.counts))}
         stats.update({f"in_{k}": int(kc[i]) for i, k in enumerate(KINDS)})
-        return AlignedRows(
-            sample_id=d.sample_id, positions=positions, input_ids=input_ids, byte_start=cat(sstart, np.int64),
-            byte_end=cat(send, np.int64), teacher_pos=teacher_pos, target_mask=mask, kind=kind, counts=counts,
-            indices=indices, probs=probs.astype(np.float32, copy=False), tail=tail, stats=stats,
+        out = AlignedRows(
+            sample_id=d.sample_id, positions=positions, input_ids=input_ids, byte_start=cat("bs", np.int64),
+            byte_end=cat("be", np.int64), teacher_pos=teacher_pos, target_mask=mask, kind=kind, counts=counts,
+            indices=indices, probs=np.asarray(probs, dtype=np.float32), tail=tail, stats=stats, depth=depth,
+            window=d.window, context_start=ctx_start,
         )
+        if self.mode == "chain":
+            out.chain_logc, out.chain_start = self._chain(d, positions, n_groups, len(input_ids))
+        return out
+
+    def _spelled_targets(self, d: Any, input_ids: np.ndarray, positions: np.ndarray, teacher_pos: np.ndarray,
+                         depth: np.ndarray, gstart: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Targets from the student's spelling of the kept teacher tokens (module
+        :mod:`kdstore.align.groups`): the first-piece sum at boundaries, the prefix
+        conditional inside groups."""
+        from kdstore.align.groups import prefix_targets  # noqa: PLC0415
+
+        spell, spell_len = self._spell
+        W = spell.shape[1]
+        sel = np.flatnonzero(teacher_pos >= 0)
+        k = depth[sel]
+        # prefix[n, c] = student id at gstart + c (c < k): the tokens read inside the group.
+        cidx = gstart[sel][:, None] + np.arange(W)[None, :]
+        prefix = np.where(np.arange(W)[None, :] < k[:, None], input_ids[np.minimum(cidx, len(input_ids) - 1)], -2)
+        keep, cnt, indices, probs, tail = prefix_targets(spell, spell_len, d.entry_offsets, d.indices, d.probs, d.tail,
+                                                         teacher_pos[sel], k, prefix)
+        mask = np.zeros(len(teacher_pos), dtype=bool)
+        mask[sel[keep]] = True
+        return mask, cnt, indices, probs, tail
+
+    def _chain(self, d: Any, positions: np.ndarray, groups: list, S: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chain-rule (GOLD "observed") group products: ``log C_t`` at each group's start
+        position and, for the student tokens predicted inside a group, that position."""
+        from kdstore.align.groups import teacher_next_logprob  # noqa: PLC0415
+
+        lp = teacher_next_logprob(d.positions, d.input_ids, d.entry_offsets, d.indices, d.probs, d.tail)
+        csum = np.concatenate([[0.0], np.cumsum(lp)])
+        logc = np.zeros(S, dtype=np.float32)
+        start = np.full(S, -1, dtype=np.int64)
+        for r, (t_close, s_close, _s0) in enumerate(groups):
+            if len(t_close) < 2:
+                continue
+            base = int(positions[r])
+            # Group g (>= 1) starts after closer g-1: teacher tokens t_close[g-1]+1 .. t_close[g];
+            # its chain product is over the predictions of tokens 2..m, made at positions
+            # t_close[g-1]+1 .. t_close[g]-1.
+            a, b = t_close[:-1] + 1, t_close[1:]
+            logc[base + s_close[:-1]] = (csum[b] - csum[a]).astype(np.float32)
+            for g0, g1 in zip(s_close[:-1], s_close[1:]):
+                if g1 - g0 > 1:
+                    start[base + g0 + 1 : base + g1] = g0
+        return logc, start

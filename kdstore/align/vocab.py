@@ -66,7 +66,11 @@ class VocabAlignment:
     ptr ``[V_t+1]``, col ``[M]`` int64, weight ``[M]`` float32: CSR map. input_map ``[V_t]``
     int64: aligned id fed to the student for a teacher *input* token. new_tokens: one dict per
     appended entry (aligned_id, teacher_id, token, pieces = the student's spelling, e.g. to
-    initialise the new embedding row as the mean of the pieces' rows).
+    initialise the new embedding row as the mean of the pieces' rows). spell_ptr ``[V_t+1]``,
+    spell_col ``[M']``: CSR *spelling* of every teacher id in student ids (a match: its one
+    id; otherwise the student tokenizer's pieces; none for unmappable/padding), independent
+    of the policy: used by the 1:n group targets (:mod:`kdstore.align.groups`). Alignments
+    saved before the spelling existed load with ``None`` there.
     """
 
     policy: str
@@ -80,6 +84,8 @@ class VocabAlignment:
     new_tokens: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     compact: bool = False
+    spell_ptr: np.ndarray | None = None
+    spell_col: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self._prepare()
@@ -153,6 +159,10 @@ class VocabAlignment:
                 rules[t] = "split"
                 ids, cnt = np.unique(np.asarray(pcs, dtype=np.int64), return_counts=True)
                 targets[t] = [(int(i), float(c) / len(pcs)) for i, c in zip(ids, cnt)]
+        spelled = [[int(matched[t])] if rules[t] in MATCH_RULES else list(pieces.get(t, [])) for t in range(V)]
+        spell_ptr = np.zeros(V + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in spelled], out=spell_ptr[1:])
+        spell_col = np.fromiter((a for x in spelled for a in x), dtype=np.int64, count=int(spell_ptr[-1]))
         ptr, col, weight = _csr(targets)
         meta = {
             "teacher": {"name": tv.name, "vocab_size": V, "rows": len(tv.tokens), "convention": tv.convention,
@@ -164,7 +174,7 @@ class VocabAlignment:
         return cls(
             policy=policy, vocab_size=s_size + len(new_tokens), student_vocab_size=s_size,
             rule_codes=np.array([_CODE[r] for r in rules], dtype=np.uint8), ptr=ptr, col=col, weight=weight,
-            input_map=input_map, new_tokens=new_tokens, meta=meta, compact=compact,
+            input_map=input_map, new_tokens=new_tokens, meta=meta, compact=compact, spell_ptr=spell_ptr, spell_col=spell_col,
         )
 
     def _prepare(self) -> None:
@@ -173,6 +183,8 @@ class VocabAlignment:
             raise ValueError("alignment arrays are inconsistent (ptr/col/weight/input_map sizes); the alignment file is corrupt")
         if len(self.col) and (self.col.min() < 0 or self.col.max() >= self.vocab_size):
             raise ValueError(f"alignment targets outside [0, {self.vocab_size}); the alignment file is corrupt")
+        if self.spell_ptr is not None and (len(self.spell_ptr) != V + 1 or self.spell_ptr[-1] != len(self.spell_col)):
+            raise ValueError("alignment spelling arrays are inconsistent; the alignment file is corrupt")
         self._len = np.diff(self.ptr)
         self._tail_row = self._len == 0
         if (self._len <= 1).all() and np.all(self.weight == 1.0):
@@ -430,6 +442,8 @@ class VocabAlignment:
         if path.suffix == ".json":
             doc = {"meta": self._meta(), "rule": self.rules.tolist(), "ptr": self.ptr.tolist(), "col": self.col.tolist(),
                    "weight": self.weight.tolist(), "input_map": self.input_map.tolist()}
+            if self.spell_ptr is not None:
+                doc.update(spell_ptr=self.spell_ptr.tolist(), spell_col=self.spell_col.tolist())
             path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
             return path
         offsets = pa.array(self.ptr.astype(np.int32))
@@ -440,6 +454,9 @@ class VocabAlignment:
             "weights": pa.ListArray.from_arrays(offsets, pa.array(self.weight, pa.float32())),
             "input_id": pa.array(self.input_map, pa.int64()),
         })
+        if self.spell_ptr is not None:
+            table = table.append_column("spelling", pa.ListArray.from_arrays(
+                pa.array(self.spell_ptr.astype(np.int32)), pa.array(self.spell_col, pa.int64())))
         table = table.replace_schema_metadata({FILE_FORMAT.encode(): json.dumps(self._meta(), ensure_ascii=False).encode()})
         pq.write_table(table, path, compression="zstd")
         return path
@@ -458,6 +475,8 @@ class VocabAlignment:
                 meta = doc["meta"]
                 rules, ptr, col = doc["rule"], np.asarray(doc["ptr"], np.int64), np.asarray(doc["col"], np.int64)
                 weight, input_map = np.asarray(doc["weight"], np.float32), np.asarray(doc["input_map"], np.int64)
+                sp_ptr = np.asarray(doc["spell_ptr"], np.int64) if "spell_ptr" in doc else None
+                sp_col = np.asarray(doc["spell_col"], np.int64) if "spell_col" in doc else None
             else:
                 table = pq.read_table(path)
                 meta = json.loads((table.schema.metadata or {})[FILE_FORMAT.encode()])
@@ -467,6 +486,11 @@ class VocabAlignment:
                 col = tg.values.to_numpy().astype(np.int64)
                 weight = table.column("weights").combine_chunks().values.to_numpy().astype(np.float32)
                 input_map = table.column("input_id").to_numpy().astype(np.int64)
+                sp_ptr = sp_col = None
+                if "spelling" in table.schema.names:
+                    sp = table.column("spelling").combine_chunks()
+                    sp_ptr = sp.offsets.to_numpy().astype(np.int64)
+                    sp_col = sp.values.to_numpy().astype(np.int64)
         except (KeyError, ValueError, TypeError, OSError, pa.ArrowInvalid) as exc:
             raise ValueError(f"{path}: not a kdstore alignment file ({exc}); re-create it with VocabAlignment.build(...).save()") from exc
         if meta.get("format") != FILE_FORMAT or meta.get("version") != FILE_VERSION:
@@ -474,7 +498,8 @@ class VocabAlignment:
         extra = {k: v for k, v in meta.items() if k not in ("format", "version", "policy", "vocab_size", "student_vocab_size", "new_tokens")}
         al = cls(policy=meta["policy"], vocab_size=int(meta["vocab_size"]), student_vocab_size=int(meta["student_vocab_size"]),
                  rule_codes=np.array([_CODE[r] for r in rules], dtype=np.uint8), ptr=ptr, col=col, weight=weight,
-                 input_map=input_map, new_tokens=list(meta["new_tokens"]), meta=extra, compact=compact)
+                 input_map=input_map, new_tokens=list(meta["new_tokens"]), meta=extra, compact=compact,
+                 spell_ptr=sp_ptr, spell_col=sp_col)
         if store is not None:
             want = TeacherVocab.from_store(store).fingerprint
             if al.meta.get("teacher", {}).get("fingerprint") != want:
@@ -482,7 +507,12 @@ class VocabAlignment:
         if student is not None:
             fp = load_student(student).fingerprint
             if al.meta.get("student", {}).get("fingerprint") != fp:
-                raise ValueError(f"{path}: alignment was built for another student tokenizer; rebuild it for this one")
+                raise ValueError(
+                    f"{path}: alignment was built for another student tokenizer "
+                    f"({al.meta.get('student', {}).get('name') or '?'}, fingerprint {al.meta.get('student', {}).get('fingerprint')}) "
+                    f"than {getattr(student, 'name', None) or student} (fingerprint {fp}); rebuild it with "
+                    f"'kd store align-build URI --student-tokenizer DIR --out FILE'"
+                )
         return al
 
 

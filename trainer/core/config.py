@@ -36,8 +36,10 @@ class TrainConfig:
     train_text: str = ""  # text source: peoples_daily:<split> | sentiment:<split> | file.txt | file.jsonl
     eval_data: str = ""  # held-out data: a store URI or a text source (as train_text)
     eval_teacher: str = ""  # HF model dir: full-vocabulary KL to it on text eval data ("" = online_teacher)
-    tokenizer: str = ""  # HF tokenizer dir for text sources ("" = the store teacher's name_or_path)
-    align: str = ""  # vocabulary alignment file (kdstore.align.VocabAlignment) when the student's vocab differs
+    tokenizer: str = ""  # student tokenizer dir; with a store: one different from the teacher's trains on its own tokenization
+    align: str = ""  # third-vocabulary file for tokenizer= (kd store align-build); "" = built at start-up
+    xtok_targets: str = "boundary"  # cross-tokenizer targets: boundary (measured best) | groups (1:n group targets) | chain (GOLD merge)
+    teacher_segmentation_align: str = ""  # OLD path: the student reads teacher tokens mapped by this alignment (extend)
     seq_len: int = 128  # tokens per training window for text sources (the store defines its own)
     shuffle_block: int = 4  # store shards shuffled together
     num_workers: int = 0  # DataLoader workers for the store
@@ -81,6 +83,7 @@ class TrainConfig:
     eval_batches: int = 0  # 0 = the whole held-out set
     eval_batch_size: int = 32
     eval_kl: str = "every"  # every | final: evaluations that also run eval_teacher (final: one teacher pass per run)
+    eval_bpc_docs: int = 500  # held-out text documents scored in bits per character at the end (0 = off)
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     stop_at: int = 0  # stop (with a checkpoint) after this step without finishing; 0 = run to max_steps
@@ -98,12 +101,16 @@ class TrainConfig:
             raise ValueError("set either store= or train_text=, not both")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
-        if self.kd_loss not in ("forward", "reverse", "symmetric", "jsd"):
-            raise ValueError(f"kd_loss must be forward, reverse, symmetric or jsd, got {self.kd_loss!r}")
+        if self.kd_loss not in ("forward", "reverse", "symmetric", "jsd", "uld"):
+            raise ValueError(f"kd_loss must be forward, reverse, symmetric, jsd or uld, got {self.kd_loss!r}")
         if not 0.0 <= self.kd_beta <= 1.0:
             raise ValueError(f"kd_beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.kd_beta}")
         if self.kd_loss == "jsd" and self.online_teacher:
             raise ValueError("kd_loss=jsd is implemented over stored targets only; use forward/reverse/symmetric with online_teacher=")
+        if self.xtok_targets not in ("boundary", "groups", "chain"):
+            raise ValueError(f"xtok_targets must be boundary, groups or chain, got {self.xtok_targets!r}")
+        if self.align and self.teacher_segmentation_align:
+            raise ValueError("set align= (student reads its own tokenization) or teacher_segmentation_align=, not both")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.eval_kl not in ("every", "final"):
@@ -117,8 +124,17 @@ class TrainConfig:
             raise ValueError(
                 "text training has no stored teacher targets: set kd_weight=0 (CE only) or online_teacher=MODEL_DIR"
             )
-        if self.online_teacher and self.align:
+        if self.online_teacher and (self.align or self.teacher_segmentation_align):
             raise ValueError("online_teacher needs the student to share the teacher's vocabulary; drop align=")
+        if self.online_teacher and self.kd_loss == "uld":
+            raise ValueError("kd_loss=uld works on stored targets; drop online_teacher=")
+        if self.align and not self.tokenizer:
+            raise ValueError(
+                "align= is the third vocabulary of the cross-tokenizer path and needs tokenizer=STUDENT_DIR (the student "
+                "then reads its own tokenization of the stored text); the old behaviour (the student reads the teacher's "
+                "tokens mapped into its vocabulary, and expects that segmentation at inference) is "
+                "teacher_segmentation_align=FILE"
+            )
 
 
 def _coerce(value: str, tp: Any, key: str) -> Any:

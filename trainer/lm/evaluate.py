@@ -90,3 +90,52 @@ def evaluate(
         "kl_kind": kind,
         "tokens": int(sums[1]),
     }
+
+
+@torch.no_grad()
+def bits_per_char(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    *,
+    seq_len: int = 128,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Held-out bits per character on the model's **own** tokenization of ``texts``.
+
+    Each text is tokenized by ``tokenizer`` (no special tokens) and cut into windows of
+    ``seq_len`` tokens; every token after a window's first is scored. The numerator is the
+    summed negative log-likelihood in bits; the denominator is the number of characters
+    those scored tokens cover (from each window's first-token end to its last-token end, by
+    the tokenizer's character offsets), so models with different tokenizers are compared on
+    (almost exactly) the same text: only each window's first token is not scored.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    windows: list[tuple[list[int], int]] = []
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    for ids, offs in zip(enc["input_ids"], enc["offset_mapping"]):
+        for s in range(0, len(ids), seq_len):
+            w, o = ids[s : s + seq_len], offs[s : s + seq_len]
+            if len(w) >= 2:
+                windows.append((w, int(o[-1][1]) - int(o[0][1])))
+    windows.sort(key=lambda x: len(x[0]))
+    nll, chars = 0.0, 0
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    for b in range(0, len(windows), batch_size):
+        group = windows[b : b + batch_size]
+        T = max(len(w) for w, _ in group)
+        ids = torch.full((len(group), T), pad, dtype=torch.long)
+        att = torch.zeros((len(group), T), dtype=torch.long)
+        for i, (w, _) in enumerate(group):
+            ids[i, : len(w)] = torch.tensor(w)
+            att[i, : len(w)] = 1
+        labels = torch.where(att[:, 1:].bool(), ids[:, 1:], IGNORE_INDEX)
+        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits[:, :-1]
+        nll += float(ce_loss(logits, labels.to(device), reduction="sum"))
+        chars += sum(c for _, c in group)
+    if was_training:
+        model.train()
+    return nll / math.log(2) / max(1, chars)

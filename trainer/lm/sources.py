@@ -26,6 +26,7 @@ class TrainData:
         self.loader, self.kind, self.vocab_size, self.tokenizer, self.remap, self.store = loader, kind, vocab_size, tokenizer, remap, store
         self._info = info
         self._it = None
+        self.sequence = None  # a kdstore.align.SequenceAligner when the student reads its own tokenization
 
     @classmethod
     def open(cls, cfg: TrainConfig, dist: Dist) -> "TrainData":
@@ -36,8 +37,6 @@ class TrainData:
             store = kdstore.open(cfg.store)
             if store.manifest.level != "token":
                 raise ValueError(f"{cfg.store}: a {store.manifest.level}-level store; 'kd train student' needs a token-level store")
-            remap = load_alignment(cfg.align, store) if cfg.align else None
-            vocab = remap.vocab_size if remap is not None else store.manifest.teacher.vocab_size
             sel = store.manifest.selection
             if cfg.kd_weight > 0 and not cfg.online_teacher and abs(sel.temperature - cfg.temperature) > 1e-9 and dist.is_main:
                 # Stored targets are never re-tempered (docs/format.md): the KL then compares the
@@ -45,13 +44,15 @@ class TrainData:
                 print(f"warning: targets were captured at temperature {sel.temperature} and are used as they are; the "
                       f"student uses temperature={cfg.temperature} (set temperature={sel.temperature} to match)",
                       file=sys.stderr)
+            tok, remap, sequence, vocab, how = _store_tokenization(cfg, store, dist)
             ds = SoftLabelDataset(store, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, shuffle_block=cfg.shuffle_block,
-                                  rank=dist.rank, world_size=dist.world_size, remap=remap)
+                                  rank=dist.rank, world_size=dist.world_size, remap=remap, sequence=sequence)
             loader = StoreLoader(ds, num_workers=cfg.num_workers)
-            tok = load_tokenizer(cfg.tokenizer or store.manifest.teacher.name_or_path, required=bool(cfg.tokenizer))
             mode = sel.mode + (f" k={sel.k}" if sel.mode == "topk" else f" p={sel.p}" if sel.mode == "top_p" else f" n={sel.samples}")
-            info = f"store {cfg.store} ({store.num_rows} rows, {mode}" + (f", aligned vocab {vocab}" if remap is not None else "") + ")"
-            return cls(loader=loader, kind="store", vocab_size=vocab, tokenizer=tok, remap=remap, store=store, info=info)
+            info = f"store {cfg.store} ({store.num_rows} rows, {mode}; {how})"
+            data = cls(loader=loader, kind="store", vocab_size=vocab, tokenizer=tok, remap=remap, store=store, info=info)
+            data.sequence = sequence
+            return data
         from trainer.lm.textdata import TextBatches, encode_texts, load_texts, packed_windows  # noqa: PLC0415
 
         if not cfg.tokenizer:
@@ -97,12 +98,69 @@ def load_tokenizer(path: str, *, required: bool) -> Any:
         return None
 
 
-def load_alignment(path: str, store: Any) -> Any:
-    try:
-        from kdstore.align import VocabAlignment  # noqa: PLC0415
-    except ImportError as exc:  # pragma: no cover - kdstore.align ships with kdstore
-        raise ValueError("align= needs kdstore.align, which is not available in this installation") from exc
-    return VocabAlignment.load(path, store=store)
+def load_alignment(path: str, store: Any, student: Any = None) -> Any:
+    """An alignment file, checked against the store's teacher vocabulary (and ``student``)."""
+    from kdstore.align import VocabAlignment  # noqa: PLC0415
+
+    return VocabAlignment.load(path, store=store, student=student)
+
+
+def _store_tokenization(cfg: TrainConfig, store: Any, dist: Dist) -> tuple[Any, Any, Any, int, str]:
+    """How the student reads a store: ``(tokenizer, remap, sequence aligner, vocab, description)``.
+
+    * ``tokenizer=`` the teacher's (same strings by id) or none: the student reads the
+      teacher's ids (same-tokenizer KD). Without ``tokenizer=`` this is said, never silent.
+    * ``tokenizer=`` another tokenizer: the student reads **its own** tokenization of the
+      stored text; targets come by byte-offset sequence alignment and the third vocabulary
+      (``align=`` file, checked to belong to this store and tokenizer, or built here).
+    * ``teacher_segmentation_align=``: the old path (teacher tokens mapped as input), with a warning.
+    """
+    from kdstore.align import SequenceAligner, VocabAlignment, load_student  # noqa: PLC0415
+    from kdstore.align.match import TeacherVocab  # noqa: PLC0415
+
+    V_t = store.manifest.teacher.vocab_size
+    if cfg.teacher_segmentation_align:
+        remap = load_alignment(cfg.teacher_segmentation_align, store, cfg.tokenizer or None)
+        if remap.policy != "extend":
+            raise ValueError(
+                f"{cfg.teacher_segmentation_align}: policy {remap.policy!r} feeds a multi-piece teacher token to the student as "
+                f"its first piece only (the other pieces' text is dropped from the input); the teacher-segmentation path "
+                f"needs an 'extend' alignment (kd store align-build ... --policy extend), or use tokenizer=STUDENT_DIR"
+            )
+        if dist.is_main:
+            print("WARNING: teacher_segmentation_align= trains the student on the TEACHER's token sequence mapped into its "
+                  "vocabulary; it will expect that segmentation at inference, and on its own tokenization it is worse than "
+                  "no distillation (docs/alignment.md). Use tokenizer=STUDENT_DIR to train on the student's own tokenization.",
+                  flush=True)
+        tok = load_tokenizer(cfg.tokenizer or store.manifest.teacher.name_or_path, required=bool(cfg.tokenizer))
+        return tok, remap, None, remap.vocab_size, f"teacher segmentation mapped by {cfg.teacher_segmentation_align}"
+    if not cfg.tokenizer:
+        tok = load_tokenizer(store.manifest.teacher.name_or_path, required=False)
+        if dist.is_main:
+            found = "loaded" if tok is not None else "NOT loadable there: the saved model will have no tokenizer"
+            print(f"note: no tokenizer= given: the student reads the teacher's tokens (same-tokenizer KD); the teacher "
+                  f"tokenizer at {store.manifest.teacher.name_or_path!r} is {found}. Pass tokenizer=STUDENT_DIR for a "
+                  f"student with its own tokenizer.", flush=True)
+        return tok, None, None, V_t, "teacher tokenization"
+    tok = load_tokenizer(cfg.tokenizer, required=True)
+    student = load_student(tok, name=cfg.tokenizer)
+    teacher_tokens = TeacherVocab.from_store(store).tokens
+    if student.tokens[: len(teacher_tokens)] == teacher_tokens and student.vocab_size <= V_t:
+        return tok, None, None, V_t, "same tokenizer as the teacher"
+    if cfg.align:
+        alignment = load_alignment(cfg.align, store, student)
+    else:
+        alignment = VocabAlignment.build(store, student, policy="first_piece")
+    if alignment.policy == "extend":
+        raise ValueError(
+            f"{cfg.align}: an 'extend' alignment adds classes the student never reads in its own tokenization; build "
+            f"a first_piece alignment (kd store align-build URI --student-tokenizer DIR --out FILE)"
+        )
+    mode = "boundary" if cfg.kd_loss == "uld" else cfg.xtok_targets
+    sequence = SequenceAligner(student=student, alignment=None if cfg.kd_loss == "uld" else alignment, mode=mode)
+    sequence.pad_id = tok.pad_token_id or 0
+    vocab = padded_vocab(len(tok), cfg.pad_vocab_multiple)
+    return tok, None, sequence, vocab, f"student's own tokenization ({cfg.tokenizer}), targets: {mode}"
 
 
 def build_student(cfg: TrainConfig, data: TrainData, *, min_vocab: int = 0) -> torch.nn.Module:
@@ -154,12 +212,12 @@ def eval_source(cfg: TrainConfig, data: TrainData, dist: Dist) -> Any:
         from kdstore.dataset import SoftLabelDataset  # noqa: PLC0415
 
         return SoftLabelDataset(cfg.eval_data, batch_size=cfg.eval_batch_size, shuffle=False, rank=dist.rank,
-                                world_size=dist.world_size, remap=data.remap)
+                                world_size=dist.world_size, remap=data.remap, sequence=data.sequence)
     from trainer.lm.textdata import TextBatches, document_windows, encode_texts, load_texts  # noqa: PLC0415
 
     if data.tokenizer is None:
         raise ValueError(f"eval_data={cfg.eval_data!r} is text: pass tokenizer=DIR (the student's tokenizer)")
-    if data.remap is not None and cfg.eval_teacher:
+    if (data.remap is not None or data.sequence is not None) and cfg.eval_teacher:
         raise ValueError("eval_teacher KL on text needs a shared vocabulary; with align= evaluate on a held-out store")
     windows = document_windows(encode_texts(data.tokenizer, load_texts(cfg.eval_data)), cfg.seq_len)
     # Sorted by length: batches of similar lengths waste little compute on padding.

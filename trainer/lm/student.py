@@ -42,7 +42,9 @@ from tqdm.auto import tqdm
 from trainer.core import checkpoint as ckpt_io
 from trainer.core.config import TrainConfig, apply_overrides, format_config, from_dict, to_dict
 from trainer.lm.evaluate import autocast, evaluate, model_inputs
-from trainer.core.losses import ce_and_dense_kd_loss, ce_and_stored_kd_loss, ce_loss, mix
+from trainer.core.losses import (
+    ce_and_dense_kd_loss, ce_and_stored_kd_loss, ce_loss, chain_merged_kd_loss, mix, uld_loss,
+)
 from trainer.lm.models import PRESETS, count_parameters, vocab_size_of
 from trainer.core.runlog import RunLog, json_safe, mean, median
 from trainer.core.schedule import lr_schedule
@@ -168,6 +170,14 @@ def _train(cfg: TrainConfig, dist: "Dist") -> dict[str, Any]:
         ev = _run_eval(cfg, model, held_out, eval_teacher, dist)
         log.eval(step, ev, None)
         summary.update({f"eval_{k}": v for k, v in ev.items()})
+        if cfg.eval_bpc_docs and data.tokenizer is not None and not _is_store(cfg.eval_data):
+            from trainer.lm.evaluate import bits_per_char  # noqa: PLC0415
+            from trainer.lm.textdata import load_texts  # noqa: PLC0415
+
+            summary["eval_bpc"] = bits_per_char(model, data.tokenizer, load_texts(cfg.eval_data)[: cfg.eval_bpc_docs],
+                                                seq_len=cfg.seq_len, device=dist.device, batch_size=cfg.eval_batch_size)
+            if dist.is_main:
+                print(f"held-out bits per character (student's own tokenization): {summary['eval_bpc']:.4f}", flush=True)
     if dist.world_size > 1:
         (out / f"rank-{dist.rank}.json").write_text(json.dumps({"rank": dist.rank, "param_digest": param_digest(model)}) + "\n")
     if dist.is_main:
@@ -200,6 +210,17 @@ def _loss(cfg: TrainConfig, net: torch.nn.Module, teacher: torch.nn.Module | Non
             t_logits = teacher(**inputs).logits
         mask = batch["kd_mask"] if "kd_mask" in batch else batch["attention_mask"]
         ce, kd = ce_and_dense_kd_loss(logits, labels, t_logits, mask.to(device), **kw)
+    elif a > 0.0 and cfg.kd_loss == "uld":  # vocabulary-free: sorted probabilities, ids unused
+        ce = ce_loss(logits, labels, chunk_size=cfg.loss_chunk)
+        kd = uld_loss(logits, batch["kd_probs"].to(device), batch["kd_tail"].to(device), batch["kd_mask"].to(device),
+                      student_temperature=cfg.temperature, chunk_size=cfg.loss_chunk)
+    elif a > 0.0 and "kd_chain_logc" in batch:  # cross-tokenizer groups merged by the chain rule (GOLD)
+        ce = ce_loss(logits, labels, chunk_size=cfg.loss_chunk)
+        kd = chain_merged_kd_loss(
+            logits, labels, batch["kd_indices"].to(device), batch["kd_probs"].to(device), batch["kd_tail"].to(device),
+            batch["kd_mask"].to(device), batch["kd_chain_logc"].to(device), batch["kd_chain_start"].to(device),
+            tail_bucket=cfg.tail_bucket,
+        )
     elif a > 0.0:
         ce, kd = ce_and_stored_kd_loss(
             logits, labels, batch["kd_indices"].to(device), batch["kd_probs"].to(device), batch["kd_tail"].to(device),
@@ -213,6 +234,15 @@ def _loss(cfg: TrainConfig, net: torch.nn.Module, teacher: torch.nn.Module | Non
 # =========================================================================================
 # Components of the set-up
 # =========================================================================================
+def _is_store(uri: str) -> bool:
+    from kdstore.fs import resolve  # noqa: PLC0415
+
+    try:
+        return resolve(uri).exists("manifest.json")
+    except Exception:  # noqa: BLE001 - not a URI the filesystem layer knows: text
+        return False
+
+
 def _run_eval(cfg: TrainConfig, model, source, teacher, dist: Dist) -> dict[str, Any]:
     return evaluate(model, source, device=dist.device, precision=cfg.precision, teacher=teacher,
                     max_batches=cfg.eval_batches, loss_chunk=cfg.loss_chunk)
@@ -302,8 +332,14 @@ def _parser(prog: str, *, lm: bool) -> argparse.ArgumentParser:
                        help=f"student preset ({', '.join(PRESETS)}) or JSON file (a preset + overrides, or a HF config)")
         p.add_argument("--kd-weight", type=float, help="a in (1-a)*CE + a*KD; 0 = CE-only baseline")
         p.add_argument("--online-teacher", help="HF model dir run every step (full-vocabulary KD baseline)")
-        p.add_argument("--align", help="vocabulary alignment file when the student's vocabulary differs")
-        p.add_argument("--tokenizer", help="student tokenizer dir (default: the store teacher's)")
+        p.add_argument("--tokenizer", help="student tokenizer dir; another tokenizer than the teacher's trains on the "
+                                            "student's own tokenization of the stored text (default: the teacher's)")
+        p.add_argument("--align", help="third-vocabulary file for --tokenizer (kd store align-build); default: built at start")
+        p.add_argument("--xtok-targets", choices=("boundary", "groups", "chain"),
+                       help="cross-tokenizer targets (default boundary; groups adds 1:n group targets; chain = GOLD merge)")
+        p.add_argument("--teacher-segmentation-align", metavar="FILE",
+                       help="OLD path: the student reads the teacher's tokens mapped by FILE and expects that "
+                            "segmentation at inference (warned; never the default)")
     p.add_argument("--eval-data", help="held-out store URI or text source")
     p.add_argument("--out", dest="out_dir", help="output directory")
     p.add_argument("--max-steps", type=int)

@@ -25,6 +25,8 @@ unbiased estimate of the full cross-entropy up to a constant.
 
 :func:`sparse_jsd_loss` is TRL GKD's generalized Jensen-Shannon divergence (beta) over the
 same (K+1)-class targets; :func:`ce_and_stored_kd_loss` picks the loss by name for recipes.
+:func:`uld_loss` (sorted-probability Wasserstein-1) and :func:`chain_merged_kd_loss` (GOLD's
+chain-rule group merge) serve cross-tokenizer students (``trainer.core.losses.xtok``).
 
 The trainer calls :func:`ce_and_sparse_kd_loss` / :func:`ce_and_dense_kd_loss`: the same
 two numbers as the separate losses (tested values and gradients), but from one fp32
@@ -37,3 +39,4 @@ from trainer.core.losses._kd import (  # noqa: F401 - the public names of traine
 )
 from trainer.core.losses.jsd import ce_and_stored_kd_loss, sparse_jsd_loss  # noqa: F401
 from trainer.core.losses.rdrop import RDropLoss, rdrop_loss  # noqa: F401
+from trainer.core.losses.xtok import chain_merged_kd_loss, uld_loss  # noqa: F401
