@@ -156,6 +156,11 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     """The teacher's tokenizer (a fast tokenizer: offsets are needed for byte spans)."""
     from transformers import AutoTokenizer  # noqa: PLC0415
 
+    if not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
+        # Without tokenizer files transformers may quietly build a 1-token tokenizer, and
+        # every sample would then fail as "tokenizer produced no tokens".
+        raise TeacherError(f"no fast tokenizer found in {model_dir} (none of {', '.join(TOKENIZER_FILES)}); save the "
+                           f"teacher's tokenizer into it (tokenizer.save_pretrained(DIR))")
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -163,6 +168,20 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     if not getattr(tok, "is_fast", False):
         raise TeacherError(f"{model_dir}: the tokenizer is not a fast (tokenizers) tokenizer; save tokenizer.json with the model")
     return tok
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config) -> tuple[int | None, str | None]:
+    """``(positions, config key)`` the teacher can attend over, or ``(None, None)`` if its
+    config does not say (text config for composite models)."""
+    for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
+        for key in CONTEXT_KEYS:
+            v = getattr(c, key, None) if c is not None else None
+            if isinstance(v, int) and v > 0:
+                return v, key
+    return None, None
 
 
 def detect_level(config) -> str:

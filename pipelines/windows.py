@@ -30,6 +30,8 @@ class Window:
     byte_start / byte_end: ``[T]`` uint32 UTF-8 byte offsets into ``text`` (None when
         text is not stored).
     key:        64-bit integer ``int(sample_id, 16) ^ window`` that seeds sample-mode draws.
+    siblings:   how many windows of the sample this run computes; the writer stores them
+        together once all have arrived, or dead-letters all if one failed.
     """
 
     sample_id: str
@@ -42,6 +44,7 @@ class Window:
     byte_start: np.ndarray | None = None
     byte_end: np.ndarray | None = None
     label: int | None = None
+    siblings: int = 1  # windows of this sample sent to the teacher in this run (all stored, or none)
 
     @property
     def key(self) -> int:
@@ -166,7 +169,7 @@ def make_windows(
             sample_id=record.sample_id, window=w, token_start=s, context_len=max(0, prev_end - s),
             input_ids=ids[s:e].copy(), source=record.source, text=text,
             byte_start=None if bs is None else _rebase(bs[s:e], lo), byte_end=None if be is None else _rebase(be[s:e], lo),
-            label=record.label,
+            label=record.label, siblings=len(starts),
         ))
         prev_end = e
     return out

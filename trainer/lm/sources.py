@@ -49,6 +49,8 @@ class TrainData:
                                   rank=dist.rank, world_size=dist.world_size, remap=remap)
             loader = StoreLoader(ds, num_workers=cfg.num_workers)
             tok = load_tokenizer(cfg.tokenizer or store.manifest.teacher.name_or_path, required=bool(cfg.tokenizer))
+            if cfg.tokenizer and remap is None:
+                check_same_vocabulary(tok, store, cfg.tokenizer)
             mode = sel.mode + (f" k={sel.k}" if sel.mode == "topk" else f" p={sel.p}" if sel.mode == "top_p" else f" n={sel.samples}")
             info = f"store {cfg.store} ({store.num_rows} rows, {mode}" + (f", aligned vocab {vocab}" if remap is not None else "") + ")"
             return cls(loader=loader, kind="store", vocab_size=vocab, tokenizer=tok, remap=remap, store=store, info=info)
@@ -95,6 +97,26 @@ def load_tokenizer(path: str, *, required: bool) -> Any:
         if required:
             raise ValueError(f"cannot load a tokenizer from {path!r} ({exc}); pass tokenizer=DIR") from exc
         return None
+
+
+def check_same_vocabulary(tok: Any, store: Any, name: str) -> None:
+    """A student tokenizer given without an alignment must be the store teacher's: the
+    student is trained on teacher ids, and a model whose vocabulary is not its tokenizer's
+    would be saved with the wrong tokenizer."""
+    from kdstore.tokenizer import vocab_table  # noqa: PLC0415
+
+    theirs = vocab_table(tok)["token"]
+    t = store.vocab.sort_by("id")
+    ours = t.column("token").to_pylist()
+    if list(theirs) == ours:
+        return
+    diff = sum(a != b for a, b in zip(theirs, ours)) + abs(len(theirs) - len(ours))
+    raise ValueError(
+        f"tokenizer {name!r}: its vocabulary ({len(theirs)} tokens) differs from the store's teacher vocabulary "
+        f"({len(ours)} tokens; {diff} ids differ). Train on another vocabulary through an alignment: check coverage "
+        f"with 'kd store align-report {store.uri} --student-tokenizer {name}', save a kdstore.align.VocabAlignment "
+        f"(docs/alignment.md) and pass --align FILE; or drop --tokenizer to use the teacher's"
+    )
 
 
 def load_alignment(path: str, store: Any) -> Any:
