@@ -39,7 +39,8 @@ from pipelines import sinks
 from pipelines.model_handler import SoftLabelModelHandler
 from pipelines.options import CaptureConfig, parse_args
 from pipelines.progress import token_total
-from pipelines.teachers import Teacher, TeacherError, TeacherSpec, context_length, load_config, open_teacher
+from pipelines.windows import context_length
+from pipelines.teachers import Teacher, TeacherError, TeacherSpec, load_config, open_teacher
 from pipelines.transforms import (
     BLANK, DEAD, Dedupe, FinalizeStore, ReadCorpus, TeacherInference, Tokenize, WriteDeadLetters, WriteShards, metrics_summary,
 )

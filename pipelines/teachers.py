@@ -170,20 +170,6 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     return tok
 
 
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
-
-
-def context_length(config) -> tuple[int | None, str | None]:
-    """``(positions, config key)`` the teacher can attend over, or ``(None, None)`` if its
-    config does not say (text config for composite models)."""
-    for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
-        for key in CONTEXT_KEYS:
-            v = getattr(c, key, None) if c is not None else None
-            if isinstance(v, int) and v > 0:
-                return v, key
-    return None, None
-
-
 def detect_level(config) -> str:
     """``sequence`` for sequence classifiers (by architecture name), else ``token``."""
     archs = getattr(config, "architectures", None) or []

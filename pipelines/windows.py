@@ -79,6 +79,20 @@ class WindowSpec:
         return self.stride or self.max_length
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config) -> tuple[int | None, str | None]:
+    """``(positions, config key)`` the teacher can attend over, or ``(None, None)`` if its
+    config does not say (text config for composite models)."""
+    for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
+        for key in CONTEXT_KEYS:
+            v = getattr(c, key, None) if c is not None else None
+            if isinstance(v, int) and v > 0:
+                return v, key
+    return None, None
+
+
 def window_starts(n_tokens: int, max_length: int, step: int) -> list[int]:
     """Start offsets of windows ``[s, min(s + max_length, n_tokens))`` covering all tokens:
     every ``step`` tokens until a window reaches the end (the last one may be shorter)."""
