@@ -29,10 +29,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: kd <command> [options]", "", "commands:"]
+def _usage(group: str | None = None) -> str:
+    head = f"kd {group} <command>" if group else "kd <command>"
+    lines = [f"usage: {head} [options]", "", "commands:"]
     for words, (_, _, help_) in COMMANDS.items():
-        lines.append(f"  kd {' '.join(words):<22} {help_}")
+        if group is None or words[0] == group:
+            lines.append(f"  kd {' '.join(words):<22} {help_}")
     lines.append("")
     lines.append("Run 'kd <command> --help' for the options of one command.")
     return "\n".join(lines)
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             prog = "kd " + " ".join(key)
             rc = fn(argv[n:], prog=prog)
             return int(rc or 0)
+    groups = {words[0] for words in COMMANDS if len(words) > 1}
+    if argv[0] in groups and (len(argv) == 1 or argv[1] in {"-h", "--help", "help"}):
+        print(_usage(argv[0]))  # 'kd store --help', 'kd train'
+        return 0
     print(f"kd: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
     print(_usage(), file=sys.stderr)
     return 2

@@ -8,6 +8,7 @@ record batches and decodes them (dequantization, hash -> id lookup) into
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator, Sequence
@@ -115,9 +116,9 @@ class Store:
         if not self.manifest.vocab:
             raise StoreFormatError(f"{self.uri}: this store has no vocabulary table")
         rel = self.manifest.vocab["file"]
-        F.check_relative_path(rel, source=f"{self.uri}/{F.MANIFEST}")
+        path = self._inside(F.check_relative_path(rel, source=f"{self.uri}/{F.MANIFEST}"))
         try:
-            table = pq.read_table(self.location.join(rel), filesystem=self.location.fs)
+            table = pq.read_table(path, filesystem=self.location.fs)
         except (OSError, pa.ArrowInvalid) as exc:
             raise CorruptShardError(f"{self.uri}/{rel}: cannot read the vocabulary table ({exc}); re-run the capture") from exc
         if table.schema.remove_metadata() != F.VOCAB_SCHEMA.remove_metadata():
@@ -171,7 +172,22 @@ class Store:
 
     # -- reading -----------------------------------------------------------------------
     def shard_path(self, shard: F.ShardInfo) -> str:
-        return self.location.join(F.check_relative_path(shard.file, source=f"{self.uri}/{F.MANIFEST}"))
+        return self._inside(F.check_relative_path(shard.file, source=f"{self.uri}/{F.MANIFEST}"))
+
+    def _inside(self, rel: str) -> str:
+        """Path of ``rel``; on local disk, refuse a symlink that leads out of the store (a
+        store's files are its own: a link could make readers and ``verify`` read, and a
+        resumed capture delete or quarantine, files elsewhere)."""
+        path = self.location.join(rel)
+        if self.location.is_local:
+            root = os.path.realpath(self.location.root)
+            target = os.path.realpath(path)
+            if os.path.commonpath([root, target]) != root:
+                raise StoreFormatError(
+                    f"{self.uri}/{rel}: is a symlink to {target}, outside the store; copy the file into the store "
+                    f"instead of linking it"
+                )
+        return path
 
     def open_shard(self, i: int) -> pq.ParquetFile:
         """Open shard ``i`` (footer read, schema checked; pages verified against their CRCs)."""

@@ -86,6 +86,8 @@ class DeadLetter:
 
 
 Parsed = Union[Record, DeadLetter]
+# Characters that print nothing: NUL and other controls, zero-width spaces/joiners, BOM.
+_INVISIBLE = dict.fromkeys([*range(0x00, 0x20), 0x7F, 0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF, 0x00AD])
 
 
 @dataclass(frozen=True)
@@ -192,10 +194,17 @@ def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
         stream = fs.open_input_stream(p, compression="detect")
     except (OSError, ValueError) as exc:
         raise CorpusError(f"{path}: cannot open input file ({exc})") from exc
+    n = 0
     with stream:
         reader = io.BufferedReader(stream, buffer_size=1 << 20)
-        for n, raw in enumerate(reader, 1):
-            yield n, raw.rstrip(b"\r\n")
+        try:
+            for n, raw in enumerate(reader, 1):
+                yield n, raw.rstrip(b"\r\n")
+        except (OSError, EOFError, ValueError) as exc:  # a truncated or corrupt .gz/.bz2/.zst
+            raise CorpusError(
+                f"{path}: the file is truncated or corrupt after line {n} ({exc}); re-copy or re-compress it "
+                f"(the lines before it were read, nothing after it can be)"
+            ) from exc
 
 
 # -- record parsing -------------------------------------------------------------------------
@@ -213,7 +222,22 @@ def parse_text_line(raw: bytes, source: str) -> Parsed:
         return text
     if not text.strip():
         return DeadLetter(reason=BLANK, source=source)
+    bad = _unusable(text)
+    if bad:
+        return DeadLetter(reason=bad, source=source)
     return Record(text=text, sample_id=_sample_id(text), source=source)
+
+
+def _unusable(text: str) -> str | None:
+    """Why a non-blank text cannot be a sample (None if it can)."""
+    if not text.translate(_INVISIBLE).strip():
+        return "no visible characters: the text holds only NUL / control / zero-width characters"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}: the JSON escapes half of a "
+                f"UTF-16 pair; fix the producer of this file")
+    return None
 
 
 def _label(value: Any, spec: ReaderSpec, source: str, sid: str) -> int | str | None | DeadLetter:
@@ -247,6 +271,9 @@ def _record(text: Any, source_id: Any, label: Any, spec: ReaderSpec, source: str
         return DeadLetter(reason=f"field {spec.text_field!r} is not a string ({type(text).__name__})", source=source)
     if not text.strip():
         return DeadLetter(reason="empty text", source=source)
+    bad = _unusable(text)
+    if bad:
+        return DeadLetter(reason=bad, source=source)
     sid_src = None if source_id is None else str(source_id)
     if spec.id_field and sid_src is None:
         return DeadLetter(reason=f"missing id field {spec.id_field!r}", source=source)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -210,7 +211,7 @@ def verify_store(store_or_uri: Store | str, *, progress: bool = False) -> list[s
 
         shards = tqdm(shards, desc="verify", unit="shard", file=sys.stderr)
     for i in shards:
-        problems += _check_shard(store, i)
+        problems += verify_shard(store, i)
     problems += _check_dead_letters(store)
     listed = {s.file for s in m.shards}
     for rel in loc.list(F.SHARD_DIR):
@@ -248,17 +249,32 @@ def _check_vocab(store: Store) -> list[str]:
     return out
 
 
-def _check_shard(store: Store, i: int) -> list[str]:
+def verify_shard(store: Store, i: int) -> list[str]:
+    """Problems of shard ``i``; never raises: any byte of a shard may be corrupt, and
+    whatever the Parquet reader makes of it (a decode error of any type) is reported
+    against the file."""
+    shard = store.shards[i]
+    path = f"{store.uri.rstrip('/')}/{shard.file}"
+    out: list[str] = []
+    try:
+        _check_shard_into(store, i, out)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        out.append(f"{path}: cannot decode ({type(exc).__name__}: {str(exc)[:200]}); the file is corrupt")
+    return out
+
+
+def _check_shard_into(store: Store, i: int, out: list[str]) -> None:
     shard = store.shards[i]
     loc = store.location
     path = f"{store.uri.rstrip('/')}/{shard.file}"
     try:
-        F.check_relative_path(shard.file)
+        store.shard_path(shard)  # relative, and (local disk) not a link out of the store
     except StoreError as exc:
-        return [str(exc)]
+        out.append(str(exc))
+        return
     if not loc.exists(shard.file):
-        return [f"{path}: listed in the manifest but missing; restore it or re-run the capture with --resume"]
-    out = []
+        out.append(f"{path}: listed in the manifest but missing; restore it or re-run the capture with --resume")
+        return
     size = loc.size(shard.file)
     if size != shard.bytes:
         out.append(f"{path}: {size} bytes but the manifest says {shard.bytes} (truncated or replaced); re-run the capture with --resume")
@@ -269,7 +285,8 @@ def _check_shard(store: Store, i: int) -> list[str]:
     try:
         pf = pq.ParquetFile(loc.join(shard.file), filesystem=loc.fs, page_checksum_verification=True)
     except (OSError, pa.ArrowInvalid) as exc:
-        return out + [f"{path}: not a readable Parquet file ({exc})"]
+        out.append(f"{path}: not a readable Parquet file ({exc})")
+        return
     try:
         store._check_schema(pf.schema_arrow, shard.file)
         schema_ok = True
@@ -293,12 +310,12 @@ def _check_shard(store: Store, i: int) -> list[str]:
                 out.append(f"{path}: {exc}")
                 break
     except (OSError, pa.ArrowInvalid) as exc:
-        return out + [f"{path}: cannot decode ({exc}); the file is corrupt"]
+        out.append(f"{path}: cannot decode ({exc}); the file is corrupt")
+        return
     if schema_ok:
         for name, got, want in (("rows", rows, shard.rows), ("positions", tokens, shard.tokens), ("entries", entries, shard.entries)):
             if got != want:
                 out.append(f"{path}: {got} {name} but the manifest says {want}")
-    return out
 
 
 def _check_dead_letters(store: Store) -> list[str]:
@@ -398,7 +415,13 @@ def stats_main(argv: list[str], prog: str = "kd store stats") -> int:
             d = _describe(st[name])
             print(f"{label:10s} {d['mean']:9.4f} {d['p10']:9.4f} {d['p50']:9.4f} {d['p90']:9.4f}")
     if args.plot:
-        _plot(st, args.plot, title=f"{store.uri} ({store.manifest.selection.mode}, {n:,} positions)")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+            _plot(st, args.plot, title=f"{store.uri} ({store.manifest.selection.mode}, {n:,} positions)")
+        except OSError as exc:
+            print(f"{prog}: error: cannot write the plot {args.plot!r} ({exc.strerror or exc}); choose another --plot path",
+                  file=sys.stderr)
+            return 1
         print(f"wrote {args.plot}")
     return 0
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import time
 import uuid
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
@@ -37,6 +39,7 @@ DEFAULT_ROW_GROUP_ROWS = 1024
 # zstd level of shards: 9 is ~1-2 % smaller than 3 on soft labels at a write cost that is
 # negligible next to teacher inference; decode speed does not depend on the level.
 ZSTD_LEVEL = 9
+SHARD_RECORD_DIR = "_shard_records"
 
 
 class _HashingSink(io.RawIOBase):
@@ -114,7 +117,9 @@ class ShardWriter:
         except Exception:
             self._sink.close()
             raise
-        self.rows = self.tokens = self.entries = 0
+        self._location = location
+        self.rows = self.tokens = self.entries = self.samples = 0
+        self.opened = time.monotonic()
 
     @property
     def bytes_written(self) -> int:
@@ -129,20 +134,49 @@ class ShardWriter:
         self.rows += table.num_rows
         self.tokens += _list_total(table.column("tail"))
         self.entries += _list_total(table.column("indices"))
+        self.samples += int(pc.sum(pc.equal(table.column("window"), 0)).as_py() or 0)
 
     def close(self) -> F.ShardInfo:
+        """Close the file, then write its record (see :func:`write_shard_record`)."""
         self._writer.close()
         self._sink.close()
-        return F.ShardInfo(
+        info = F.ShardInfo(
             file=self.rel_path, rows=self.rows, tokens=self.tokens, entries=self.entries,
             bytes=self._sink.nbytes, checksum=self._sink.checksum,
         )
+        write_shard_record(self._location, info, samples=self.samples)
+        return info
 
     def abort(self) -> None:
         try:
             self._writer.close()
         finally:
             self._sink.close()
+
+
+def _record_path(rel_path: str) -> str:
+    return f"{SHARD_RECORD_DIR}/{rel_path.rpartition('/')[2]}.json"
+
+
+def write_shard_record(location: Location, info: F.ShardInfo, *, samples: int) -> None:
+    """Record a closed shard (``_shard_records/<name>.json``: rows, positions, entries,
+    bytes, checksum, samples), written after the file is complete. A resumed capture
+    trusts a shard only if its bytes match this record (or the manifest's entry)."""
+    rec = asdict(info) | {"samples": int(samples)}
+    location.makedirs(SHARD_RECORD_DIR)
+    location.write_bytes_atomic(_record_path(info.file), json.dumps(rec, sort_keys=True).encode())
+
+
+def read_shard_record(location: Location, rel_path: str) -> dict[str, Any] | None:
+    """The record of a closed shard, or None (never closed, or the record is unreadable)."""
+    rel = _record_path(rel_path)
+    try:
+        if not location.exists(rel):
+            return None
+        rec = json.loads(location.read_bytes(rel))
+        return rec if isinstance(rec, dict) and rec.get("file") == rel_path else None
+    except (OSError, ValueError):
+        return None
 
 
 def _list_total(col: pa.ChunkedArray | pa.Array) -> int:
@@ -230,6 +264,11 @@ def finalize(
     manifest.created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     manifest.validate(source=location.uri)
     location.write_bytes_atomic(F.MANIFEST, manifest.to_json().encode("utf-8"))
+    # The manifest now holds every listed shard's record; the working records go.
+    for rel in location.list(SHARD_RECORD_DIR):
+        location.fs.delete_file(location.join(rel))
+    if location.exists(SHARD_RECORD_DIR):
+        location.fs.delete_dir(location.join(SHARD_RECORD_DIR))
     return manifest
 
 

@@ -33,13 +33,16 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from kdstore import format as F
 from kdstore.textio import CorpusError, ReaderSpec, expand_inputs
 from kdstore.errors import StoreFormatError
+from kdstore.lease import StoreLockedError, WriterLease
 from kdstore.writer import new_manifest
 from pipelines import sinks
 from pipelines.model_handler import SoftLabelModelHandler
 from pipelines.options import CaptureConfig, parse_args
-from pipelines.teachers import Teacher, TeacherError, TeacherSpec, open_teacher
+from pipelines.progress import token_total
+from pipelines.windows import context_length
+from pipelines.teachers import Teacher, TeacherError, TeacherSpec, load_config, open_teacher
 from pipelines.transforms import (
-    DEAD, Dedupe, FinalizeStore, ReadCorpus, TeacherInference, Tokenize, WriteDeadLetters, WriteShards, metrics_summary,
+    BLANK, DEAD, Dedupe, FinalizeStore, ReadCorpus, TeacherInference, Tokenize, WriteDeadLetters, WriteShards, metrics_summary,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -57,6 +60,9 @@ class Plan:
     vocab_entry: dict
     resume: sinks.ResumeState
     reader: ReaderSpec
+    lease: Any = None  # kdstore.lease.WriterLease held for the run (release() when it ends)
+    token_total: int | None = None  # teacher positions to run (progress bar total)
+    token_total_exact: bool = True
 
     @property
     def level(self) -> str:
@@ -72,6 +78,7 @@ def plan_capture(cfg: CaptureConfig, *, runner: str = "", local_mode: str | None
     files = expand_inputs(cfg.input)
     teacher = open_teacher(cfg.teacher, kind=cfg.teacher_kind, level=cfg.level, trust_remote_code=cfg.trust_remote_code)
     level, info = teacher.level, teacher.info
+    _resolve_max_length(cfg, teacher)
     selection = cfg.selection(level=level, num_classes=info.vocab_size if level == "sequence" else None)
     wspec = cfg.window_spec(level)
     columns = {
@@ -79,13 +86,45 @@ def plan_capture(cfg: CaptureConfig, *, runner: str = "", local_mode: str | None
     }
     pipeline_opts = cfg.to_manifest() | {"level": level, "teacher_kind": teacher.kind, "overflow": wspec.overflow,
                                          "runner": runner or LOCAL_RUNNER, "local_mode": local_mode,
-                                         "input_files": len(files), **teacher.pipeline}
+                                         "input_files": len(files), "inputs": sinks.input_fingerprint(files),
+                                         **teacher.pipeline}
     manifest = new_manifest(teacher=info, selection=selection, bits=cfg.quant_bits, level=level, columns=columns,
                             pipeline=pipeline_opts, scheme=cfg.prob_code)
-    loc, resume, vocab_entry = sinks.prepare_output(cfg.output, manifest, teacher.vocab, resume=cfg.resume, overwrite=cfg.overwrite)
     reader = cfg.reader_spec(num_classes=info.vocab_size if level == "sequence" else None)
+    # One writer at a time: the lease is taken before the store is touched (kdstore.lease).
+    lease = WriterLease.acquire(cfg.output, command=f"kd cache ({runner or LOCAL_RUNNER})", break_stale=cfg.break_lock)
+    try:
+        loc, resume, vocab_entry = sinks.prepare_output(cfg.output, manifest, teacher.vocab, resume=cfg.resume,
+                                                        overwrite=cfg.overwrite)
+        total, exact = (None, True)
+        if cfg.progress:
+            total, exact = token_total(files, reader=reader, encoder=teacher.encoder.load(), spec=wspec, dedupe=cfg.dedupe,
+                                       stored_tokens=sum(s.tokens for s in resume.shards))
+    except BaseException:
+        lease.release()
+        raise
     return Plan(config=cfg, files=files, teacher=teacher, manifest=manifest, vocab_entry=vocab_entry, resume=resume,
-                reader=reader)
+                reader=reader, lease=lease, token_total=total, token_total_exact=exact)
+
+
+def _resolve_max_length(cfg: CaptureConfig, teacher: Teacher) -> None:
+    """``--max-length``: the teacher's context length by default; longer is refused (the
+    model would fail on every long window, or silently attend past what it was trained on)."""
+    ctx, key = (None, None)
+    if (teacher.model_dir / "config.json").is_file():
+        ctx, key = context_length(load_config(str(teacher.model_dir), cfg.trust_remote_code))
+    if cfg.max_length is None:
+        cfg.max_length = ctx or 512
+        cfg.batch_tokens = max(cfg.batch_tokens, cfg.max_length)
+    elif ctx is not None and cfg.max_length > ctx:
+        raise TeacherError(
+            f"--max-length {cfg.max_length} is longer than the teacher's context length {ctx} ({key} in "
+            f"{cfg.teacher}/config.json); use --max-length {ctx} or less (longer samples are windowed)"
+        )
+    try:
+        cfg.validate()  # again, now that --max-length is known (--batch-tokens must hold a window)
+    except ValueError as exc:
+        raise TeacherError(str(exc)) from exc
 
 
 def build_pipeline(p: beam.Pipeline, plan: Plan) -> Any:
@@ -102,18 +141,21 @@ def build_pipeline(p: beam.Pipeline, plan: Plan) -> Any:
     handler = SoftLabelModelHandler(
         teacher=plan.teacher_spec(), selection=plan.manifest.selection, batch=cfg.batch_spec(),
         batch_tokens=cfg.batch_tokens, pad_id=plan.teacher.pad_id, large_model=bool(cfg.large_model),
-        model_copies=cfg.model_copies, progress=cfg.progress,
+        model_copies=cfg.model_copies, progress=cfg.progress, progress_total=plan.token_total,
+        progress_exact=plan.token_total_exact,
     )
     results = tok.windows | "TeacherInference" >> TeacherInference(handler)
     written = results | "WriteShards" >> WriteShards(
         store_uri=cfg.output, manifest_json=manifest_json, row_group_rows=cfg.row_group_rows, shard_bytes=cfg.shard_bytes,
+        shard_seconds=cfg.shard_seconds,
     )
     dead = (read[DEAD], unique[DEAD], tok[DEAD], written[DEAD]) | "AllDeadLetters" >> beam.Flatten()
     error_files = dead | "WriteDeadLetters" >> WriteDeadLetters(cfg.output)
     return p | "FinalizeStore" >> FinalizeStore(
         shards=written.shards, errors=error_files, records=read.records, read_dead=read[DEAD], unique=unique.records,
-        dedupe_dead=unique[DEAD], store_uri=cfg.output, manifest_json=manifest_json, vocab_entry=plan.vocab_entry,
-        resume=plan.resume.to_json(), max_error_rate=cfg.max_error_rate,
+        dedupe_dead=unique[DEAD], blank=read[BLANK], store_uri=cfg.output, manifest_json=manifest_json,
+        vocab_entry=plan.vocab_entry, resume=plan.resume.to_json(), max_error_rate=cfg.max_error_rate,
+        lease_token=plan.lease.info.token if plan.lease else None,
     )
 
 
@@ -162,8 +204,7 @@ def run(argv: list[str] | None = None, save_main_session: bool = True, test_pipe
     if test_pipeline is not None:
         cfg.large_model = bool(cfg.large_model)
         plan = plan_capture(cfg, runner=type(test_pipeline.runner).__name__)
-        build_pipeline(test_pipeline, plan)
-        result = test_pipeline.run()
+        p = test_pipeline
     else:
         device = cfg.teacher_spec("token").resolved_device()  # the device rule does not depend on the kind
         opts, runner, local_mode = pipeline_options(beam_args, save_main_session=save_main_session, device=device)
@@ -173,12 +214,15 @@ def run(argv: list[str] | None = None, save_main_session: bool = True, test_pipe
             cfg.large_model = local_mode != "in_process"
         plan = plan_capture(cfg, runner=runner, local_mode=local_mode)
         p = beam.Pipeline(options=opts)
+    try:
         build_pipeline(p, plan)
         result = p.run()
-    result.wait_until_finish()
-    from pipelines.inference import close_progress_bars  # noqa: PLC0415
+        result.wait_until_finish()
+    finally:
+        plan.lease.release()
+        from pipelines.inference import close_progress_bars  # noqa: PLC0415
 
-    close_progress_bars()  # in-process runners: the bar's last line belongs here, not at exit
+        close_progress_bars()  # in-process runners: the bar's last line belongs here, not at exit
     state = str(result.state)
     if "DONE" not in state:
         raise RuntimeError(f"capture pipeline ended in state {state}")
@@ -194,14 +238,47 @@ def _user_error_of(exc: BaseException) -> BaseException | None:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (sinks.ErrorRateExceeded, CorpusError, TeacherError, StoreFormatError, sinks.OutputExistsError)):
+        if isinstance(e, (sinks.ErrorRateExceeded, CorpusError, TeacherError, StoreFormatError, sinks.OutputExistsError,
+                          StoreLockedError)):
             return e
         e = e.__cause__ or e.__context__
     text = str(exc)
-    for cls in (sinks.ErrorRateExceeded, CorpusError):
+    for cls in (sinks.ErrorRateExceeded, CorpusError, StoreLockedError):
         if cls.__name__ in text:
             return cls(text.split(cls.__name__ + ":", 1)[-1].strip().splitlines()[0])
     return None
+
+
+class _HeldBeamLogs(logging.Handler):
+    """Holds Beam's log records while a capture runs: a user error then prints one clean
+    line instead of Beam's error log and traceback (the same error, wrapped); anything else
+    gets the held records replayed."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger("apache_beam")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "_HeldBeamLogs":
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._propagate
+
+    def replay(self, min_level: int = logging.NOTSET) -> None:
+        for r in self.records:
+            # Beam logs a DoFn's exception (ERROR, with traceback) before re-raising it; on a
+            # clean run there is none, and on a bug the re-raised traceback follows.
+            if r.levelno >= min_level and not (min_level and r.levelno >= logging.ERROR):
+                logging.getLogger(r.name).handle(r)
+        self.records = []
 
 
 def main(argv: list[str] | None = None, prog: str = "kd cache") -> int:
@@ -213,16 +290,20 @@ def main(argv: list[str] | None = None, prog: str = "kd cache") -> int:
 
         build_parser(prog).print_help()
         return 0
+    held = _HeldBeamLogs()
     try:
-        out = run(argv)
+        with held:
+            out = run(argv)
     except SystemExit as exc:  # argparse
         return int(exc.code or 0)
     except Exception as exc:  # noqa: BLE001 - report user errors plainly, re-raise bugs
         user = _user_error_of(exc)
         if user is None:
+            held.replay()  # a bug: Beam's own log (with its traceback) helps
             raise
         print(f"{prog}: error: {user}", file=sys.stderr)
         return 1
+    held.replay(min_level=logging.WARNING)  # a clean run: Beam's warnings still show
     t = out["totals"]
     print(
         f"{prog}: wrote {t.get('rows', 0)} rows ({t.get('samples', 0)} samples, {t.get('tokens', 0)} positions, "

@@ -94,6 +94,8 @@ class TeacherRunner:
         pad_id: int = 0,
         progress: bool = False,
         model: TeacherModel | None = None,
+        progress_total: int | None = None,
+        progress_exact: bool = True,
     ) -> None:
         import torch  # noqa: PLC0415
 
@@ -116,6 +118,8 @@ class TeacherRunner:
         self.forward_seconds = 0.0
         self.select_seconds: list[float] = []
         self._progress = progress
+        self._total = progress_total or None  # teacher positions of the whole run (a bar with % and ETA)
+        self._exact = progress_exact
         self._bar = None
 
     # -- public ---------------------------------------------------------------------------
@@ -153,7 +157,8 @@ class TeacherRunner:
                 if self._bar is None or self._bar.disable:  # first call, or closed after a pipeline
                     from tqdm import tqdm  # noqa: PLC0415
 
-                    self._bar = tqdm(desc="teacher tokens", unit="tok", unit_scale=True, mininterval=2.0, smoothing=0.1)
+                    desc = "teacher tokens" + ("" if self._exact else " (est.)")
+                    self._bar = tqdm(desc=desc, total=self._total, unit="tok", unit_scale=True, mininterval=2.0, smoothing=0.1)
                     _OPEN_BARS.add(self._bar)
                 self._bar.update(n_tok)
             return out  # type: ignore[return-value]

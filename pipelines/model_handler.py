@@ -44,6 +44,8 @@ class SoftLabelModelHandler(ModelHandler[Window, tuple, TeacherRunner]):
         large_model: bool = True,
         model_copies: int | None = None,
         progress: bool = False,
+        progress_total: int | None = None,
+        progress_exact: bool = True,
     ) -> None:
         super().__init__(
             min_batch_size=batch_tokens, max_batch_size=batch_tokens, element_size_fn=window_size,
@@ -54,10 +56,13 @@ class SoftLabelModelHandler(ModelHandler[Window, tuple, TeacherRunner]):
         self._batch = batch
         self._pad_id = pad_id
         self._progress = progress
+        self._progress_total = progress_total
+        self._progress_exact = progress_exact
 
     def load_model(self) -> TeacherRunner:
         return TeacherRunner(teacher=self._teacher, selection=self._selection, batch=self._batch, pad_id=self._pad_id,
-                             progress=self._progress)
+                             progress=self._progress, progress_total=self._progress_total,
+                             progress_exact=self._progress_exact)
 
     def run_inference(self, batch: Sequence[Window], model: TeacherRunner, inference_args: Optional[dict[str, Any]] = None) -> Iterable[tuple[Window, Output]]:
         # Only ids and draw keys go to the (possibly proxied) model; the windows' text and

@@ -1,7 +1,9 @@
 """Capture configuration: one flat dataclass, built from ``kd cache`` flags.
 
-Unknown flags are Beam pipeline options (``--runner``, ``--project``, ``--temp_location``,
-``--direct_num_workers``...) and pass through untouched.
+Flags that are not ``kd cache`` flags must be real Beam pipeline options (``--runner``,
+``--project``, ``--temp_location``, ``--direct_num_workers``...), which pass through
+untouched; anything else (a typo such as ``--temprature``) is an error naming the closest
+flag, instead of a Beam warning and a run with the defaults.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class CaptureConfig:
     seed: int = 0
     quant_bits: int = 8
     prob_code: str = "sqrt"
-    max_length: int = 512
+    max_length: int | None = None  # None: the teacher's context length (resolved by the capture's plan)
     stride: int | None = None
     overflow: str | None = None
     store_text: bool = True
@@ -56,9 +58,11 @@ class CaptureConfig:
     dedupe: bool = True
     resume: bool = False
     overwrite: bool = False
+    break_lock: bool = False
     max_error_rate: float = 0.01
     row_group_rows: int = 1024
     shard_bytes: int = 128 << 20
+    shard_seconds: float = 300.0
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -102,24 +106,36 @@ class CaptureConfig:
             raise ValueError(f"--level must be auto, token or sequence, got {self.level!r}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
-        if self.batch_tokens < self.max_length:
+        if self.max_length is not None and self.batch_tokens < self.max_length:
             raise ValueError(f"--batch-tokens ({self.batch_tokens}) must be >= --max-length ({self.max_length})")
+        if self.shard_bytes < 1 or self.shard_seconds <= 0:
+            raise ValueError("--shard-bytes and --shard-seconds must be > 0")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
 
     def to_manifest(self) -> dict[str, Any]:
         """Options recorded in the manifest's ``pipeline`` entry."""
         d = asdict(self)
-        for key in ("extra", "progress", "resume", "overwrite"):
+        for key in ("extra", "progress", "resume", "overwrite", "break_lock"):
             d.pop(key, None)
         return d
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help with ``(default: X)`` for every flag that has a real default (not None/False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser(prog: str = "kd cache") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog, allow_abbrev=False, formatter_class=_DefaultsFormatter,
         description="Run a teacher over a corpus with Apache Beam and write a sparse soft-label store. "
-        "Unrecognised --flags are Beam pipeline options (e.g. --runner DataflowRunner --project P "
+        "Other --flags must be Beam pipeline options (e.g. --runner DataflowRunner --project P "
         "--region R --temp_location gs://...). Without --runner it runs locally on all cores.",
     )
     g = ap.add_argument_group("input / output")
@@ -139,6 +155,8 @@ def build_parser(prog: str = "kd cache") -> argparse.ArgumentParser:
                    "content hash of its text is a dead letter")
     g.add_argument("--resume", action="store_true", help="continue an existing (partial) store: skip stored windows")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store at --output")
+    g.add_argument("--break-lock", action="store_true",
+                   help="take over a store whose writer lease is stale (its holder is gone); a live writer is never displaced")
     g = ap.add_argument_group("selection and quantization")
     g.add_argument("--level", default="auto", choices=("auto", "token", "sequence"),
                    help="token: next-token distributions; sequence: class distribution (default: from the model's architecture)")
@@ -153,7 +171,8 @@ def build_parser(prog: str = "kd cache") -> argparse.ArgumentParser:
     g.add_argument("--prob-code", default="sqrt", choices=("sqrt", "log"),
                    help="probability code: sqrt (forward-KL optimal, default) or log (bounded relative error)")
     g = ap.add_argument_group("tokenization")
-    g.add_argument("--max-length", type=int, default=512, help="tokens per window")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="tokens per window (default: the teacher's context length; larger is refused)")
     g.add_argument("--stride", type=int, default=None, help="window start distance (< max-length gives overlapping context)")
     g.add_argument("--overflow", default=None, choices=OVERFLOW,
                    help="samples longer than --max-length: window (token default), truncate (sequence default) or error (dead letter)")
@@ -174,8 +193,10 @@ def build_parser(prog: str = "kd cache") -> argparse.ArgumentParser:
     g.add_argument("--model-copies", type=int, default=None, help="models per machine (e.g. number of GPUs)")
     g = ap.add_argument_group("faults and output")
     g.add_argument("--max-error-rate", type=float, default=0.01, help="fail when dead letters / input samples exceed this")
-    g.add_argument("--row-group-rows", type=int, default=1024)
-    g.add_argument("--shard-bytes", type=int, default=128 << 20, help="roll shard files at this size")
+    g.add_argument("--row-group-rows", type=int, default=1024, help="most rows per Parquet row group")
+    g.add_argument("--shard-bytes", type=int, default=128 << 20, help="close a shard file at about this size")
+    g.add_argument("--shard-seconds", type=float, default=300.0,
+                   help="close a shard at least this often, so a killed capture loses at most this much work")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -184,6 +205,7 @@ def parse_args(argv: list[str], prog: str = "kd cache") -> tuple[CaptureConfig, 
     """``(config, beam_args)``; raises SystemExit on bad flags (argparse)."""
     ap = build_parser(prog)
     ns, beam_args = ap.parse_known_args(argv)
+    check_beam_args(beam_args, prog=prog, own=ap)
     d = vars(ns)
     inputs = [p for item in d.pop("input") for p in item.split(",") if p.strip()]
     cfg = CaptureConfig(input=inputs, **d)
@@ -192,3 +214,39 @@ def parse_args(argv: list[str], prog: str = "kd cache") -> tuple[CaptureConfig, 
     except ValueError as exc:
         ap.error(str(exc))
     return cfg, beam_args
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    """A parser that knows every Beam pipeline option (all ``PipelineOptions`` subclasses)."""
+    from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415
+
+    def subclasses(c):
+        for sub in c.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    p = argparse.ArgumentParser(allow_abbrev=False, add_help=False, conflict_handler="resolve")
+    for cls in sorted(set(subclasses(PipelineOptions)), key=lambda c: c.__name__):
+        try:
+            cls._add_argparse_args(p)
+        except (argparse.ArgumentError, TypeError):  # a third-party options class we cannot introspect
+            continue
+    return p
+
+
+def check_beam_args(beam_args: list[str], *, prog: str = "kd cache", own: argparse.ArgumentParser | None = None) -> None:
+    """Exit (argparse status 2) if ``beam_args`` holds a flag that is no Beam pipeline option,
+    naming the closest ``kd cache`` or Beam flag."""
+    import difflib  # noqa: PLC0415
+
+    beam = _beam_parser()
+    _, unknown = beam.parse_known_args(beam_args)
+    flags = [a for a in unknown if a.startswith("-")]
+    if not unknown:
+        return
+    known = [o for a in (own or build_parser(prog))._actions + beam._actions for o in a.option_strings if o.startswith("--")]
+    bad = flags[0].split("=", 1)[0] if flags else unknown[0]
+    close = difflib.get_close_matches(bad, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; see kd cache --help (Beam options use underscores: --direct_num_workers)"
+    what = f"unknown flag {bad}" if flags else f"unexpected argument {bad!r}"
+    (own or argparse.ArgumentParser(prog=prog)).error(f"{what}{hint}")

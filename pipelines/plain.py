@@ -40,6 +40,13 @@ def capture_plain(cfg: CaptureConfig) -> dict[str, Any]:
     """Capture ``cfg.input`` into ``cfg.output`` in one process; returns counts and seconds."""
     t0 = time.perf_counter()
     plan = plan_capture(cfg, runner="plain-loop")
+    try:
+        return _capture(cfg, plan, t0)
+    finally:
+        plan.lease.release()  # the store's writer lease, taken by plan_capture
+
+
+def _capture(cfg: CaptureConfig, plan, t0: float) -> dict[str, Any]:
     tmpl = plan.manifest  # same teacher, selection and columns as the pipeline
     runner = TeacherRunner(teacher=plan.teacher_spec(), selection=tmpl.selection, batch=cfg.batch_spec(),
                            pad_id=plan.teacher.pad_id, progress=cfg.progress)

@@ -71,13 +71,29 @@ class ResumeState:
     samples: int = 0
     rows: int = 0
     removed: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"shards": [asdict(s) for s in self.shards], "samples": self.samples, "rows": self.rows}
+        return {"shards": [asdict(s) for s in self.shards], "samples": self.samples, "rows": self.rows,
+                "quarantined": self.quarantined}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ResumeState":
-        return cls(shards=[F.ShardInfo(**s) for s in d["shards"]], samples=d["samples"], rows=d["rows"])
+        return cls(shards=[F.ShardInfo(**s) for s in d["shards"]], samples=d["samples"], rows=d["rows"],
+                   quarantined=list(d.get("quarantined", [])))
+
+
+def input_fingerprint(files: list[str]) -> dict[str, Any]:
+    """What a resumed capture must find again: the input files and their sizes (a digest,
+    plus the list itself for up to 256 files so that a refusal can name the difference)."""
+    import xxhash  # noqa: PLC0415
+
+    sized = []
+    for f in files:
+        loc = resolve(f)
+        sized.append([f, int(loc.fs.get_file_info(loc.root).size or 0)])
+    digest = xxhash.xxh3_64(json.dumps(sized).encode()).hexdigest()
+    return {"files": len(sized), "digest": digest, **({"list": sized} if len(sized) <= 256 else {})}
 
 
 def _template_fingerprint(m: F.Manifest) -> dict[str, Any]:
@@ -86,8 +102,39 @@ def _template_fingerprint(m: F.Manifest) -> dict[str, Any]:
     return {
         "teacher": {k: v for k, v in asdict(m.teacher).items() if k not in ("name_or_path", "revision")},
         "selection": asdict(m.selection), "quantization": asdict(m.quantization), "level": m.level,
-        "columns": m.columns, "windowing": window,
+        "columns": m.columns, "windowing": window, "input": m.pipeline.get("inputs"),
     }
+
+
+def _flat(d: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}"))
+    return out
+
+
+def _differences(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """``key: existing -> requested`` for every setting that differs (input files by name)."""
+    out = []
+    for key in want:
+        a, b = have.get(key), want[key]
+        if a == b or (key == "input" and a is None):  # stores from before input fingerprints
+            continue
+        if key == "input":
+            old = {f: n for f, n in a.get("list", [])}
+            new = {f: n for f, n in b.get("list", [])}
+            parts = [f"removed {f}" for f in sorted(set(old) - set(new))] + [f"added {f}" for f in sorted(set(new) - set(old))]
+            parts += [f"changed {f} ({old[f]} -> {new[f]} bytes)" for f in sorted(set(old) & set(new)) if old[f] != new[f]]
+            summary = "; ".join(parts[:10]) or f"{a.get('files')} -> {b.get('files')} files with other names or sizes"
+            out.append(f"input: {summary}")
+            continue
+        fa, fb = _flat(a, key), _flat(b, key)
+        for k in sorted(set(fa) | set(fb)):
+            if fa.get(k) != fb.get(k):
+                out.append(f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}")
+    return out
 
 
 def prepare_output(uri: str, manifest: F.Manifest, vocab: pa.Table, *, resume: bool, overwrite: bool) -> tuple[Location, ResumeState, dict]:
@@ -95,9 +142,10 @@ def prepare_output(uri: str, manifest: F.Manifest, vocab: pa.Table, *, resume: b
 
     Returns ``(location, resume_state, vocab_entry)``. Raises :class:`OutputExistsError` if
     a store exists and neither flag was given, and :class:`StoreFormatError` if a resumed
-    store was captured with a different teacher, tokenizer or selection.
+    store was captured from other input files or with a different teacher, tokenizer,
+    selection, quantization or windowing (the message names each difference).
     """
-    from kdstore.writer import write_vocab  # noqa: PLC0415
+    from kdstore.writer import SHARD_RECORD_DIR, write_vocab  # noqa: PLC0415
 
     loc = resolve(uri)
     existing = loc.exists(F.MANIFEST) or loc.list(F.SHARD_DIR) or loc.exists(CAPTURE_SIDECAR)
@@ -107,7 +155,7 @@ def prepare_output(uri: str, manifest: F.Manifest, vocab: pa.Table, *, resume: b
             f"{uri}: a store (or a partial one) is already here; pass --resume to continue it or --overwrite to replace it"
         )
     if existing and overwrite:
-        for rel in loc.list(F.SHARD_DIR) + loc.list(F.ERROR_DIR) + [F.MANIFEST, F.VOCAB, CAPTURE_SIDECAR]:
+        for rel in loc.list(F.SHARD_DIR) + loc.list(F.ERROR_DIR) + loc.list(SHARD_RECORD_DIR) + [F.MANIFEST, F.VOCAB, CAPTURE_SIDECAR]:
             if loc.exists(rel):
                 loc.fs.delete_file(loc.join(rel))
     loc.makedirs()
@@ -126,13 +174,12 @@ def _check_compatible(loc: Location, manifest: F.Manifest, vocab: pa.Table, uri:
             continue
         d = json.loads(loc.read_bytes(rel))
         old = F.Manifest.from_json(json.dumps(d["template"] if rel == CAPTURE_SIDECAR else d), source=f"{uri}/{rel}")
-        have = _template_fingerprint(old)
-        diff = sorted(k for k in want if want[k] != have[k])
+        diff = _differences(_template_fingerprint(old), want)
         if diff:
             raise StoreFormatError(
-                f"{uri}: cannot resume: the existing store differs in {diff} "
-                f"(existing {[have[k] for k in diff]} vs requested {[want[k] for k in diff]}); "
-                f"use the same options, or --overwrite / a new --output"
+                f"{uri}: cannot resume: this run differs from the one that wrote the store in {'; '.join(diff)}. "
+                f"Resume with the same input and options, or write a new --output (or --overwrite); adding input "
+                f"to a store is a separate step, not --resume"
             )
     if loc.exists(F.VOCAB):
         old_vocab = pq.read_table(loc.join(F.VOCAB), filesystem=loc.fs)
@@ -140,12 +187,20 @@ def _check_compatible(loc: Location, manifest: F.Manifest, vocab: pa.Table, uri:
             raise StoreFormatError(f"{uri}: cannot resume: the store's vocabulary is from another tokenizer")
 
 
-def scan_shards(loc: Location, manifest: F.Manifest) -> ResumeState:
-    """Finished shards of an existing store (listed in its manifest or readable orphans).
+QUARANTINE_DIR = "quarantine"
 
-    Truncated files (a worker died mid-write) are removed; readable shards from a crashed
-    run are kept and their infos (rows, tokens, entries, bytes, checksum) recomputed.
+
+def scan_shards(loc: Location, manifest: F.Manifest) -> ResumeState:
+    """The finished shards of an existing store that a resumed capture keeps.
+
+    A shard is kept only if its bytes match the record written when it was closed: its
+    entry in the manifest, or its ``_shard_records/`` record (a crashed run). A shard
+    without a record (its writer died before closing it) is removed; a shard whose size
+    or checksum differs from its record (corrupted since) is moved to ``quarantine/``.
+    Either way its windows are not in the kept set, so the resumed run computes them again.
     """
+    from kdstore.writer import read_shard_record  # noqa: PLC0415
+
     listed: dict[str, F.ShardInfo] = {}
     if loc.exists(F.MANIFEST):
         old = F.Manifest.from_json(loc.read_bytes(F.MANIFEST).decode(), source=f"{loc.uri}/{F.MANIFEST}")
@@ -155,27 +210,35 @@ def scan_shards(loc: Location, manifest: F.Manifest) -> ResumeState:
     for rel in loc.list(F.SHARD_DIR):
         if not rel.endswith(".parquet"):
             continue
-        info = listed.get(rel)
-        try:
-            table = pq.read_table(loc.join(rel), columns=["window", "tail", "indices"], filesystem=loc.fs)
-            file_schema = pq.read_schema(loc.join(rel), filesystem=loc.fs)
-        except (OSError, pa.ArrowInvalid) as exc:
-            _LOG.warning("resume: removing unreadable shard %s (%s)", rel, exc)
+        rec = read_shard_record(loc, rel)
+        info = listed.get(rel) or (F.ShardInfo(**{k: rec[k] for k in F.ShardInfo.__dataclass_fields__}) if rec else None)
+        if info is None:
+            _LOG.warning("resume: removing %s: it was never closed (no record)", rel)
             loc.fs.delete_file(loc.join(rel))
             state.removed.append(rel)
             continue
-        if file_schema.remove_metadata() != schema.remove_metadata():
-            raise StoreFormatError(f"{loc.uri}/{rel}: shard schema does not match this capture's options; cannot resume")
-        if info is None or loc.size(rel) != info.bytes:
+        size = loc.size(rel)
+        checksum = None
+        if size == info.bytes:
             with loc.fs.open_input_stream(loc.join(rel)) as f:
                 checksum = file_checksum(f)
-            tail = table.column("tail").combine_chunks()
-            idx = table.column("indices").combine_chunks()
-            info = F.ShardInfo(file=rel, rows=table.num_rows, tokens=len(tail.values), entries=len(idx.values),
-                               bytes=loc.size(rel), checksum=checksum)
+        if checksum != info.checksum:
+            dest = f"{QUARANTINE_DIR}/{rel.rpartition('/')[2]}"
+            _LOG.warning("resume: %s does not match the checksum recorded when it was written (%s bytes, recorded %s); "
+                         "moved to %s, its samples are redone", rel, size, info.bytes, dest)
+            loc.makedirs(QUARANTINE_DIR)
+            loc.fs.move(loc.join(rel), loc.join(dest))
+            state.quarantined.append(dest)
+            continue
+        if pq.read_schema(loc.join(rel), filesystem=loc.fs).remove_metadata() != schema.remove_metadata():
+            raise StoreFormatError(f"{loc.uri}/{rel}: shard schema does not match this capture's options; cannot resume")
         state.shards.append(info)
         state.rows += info.rows
-        state.samples += int((table.column("window").to_numpy() == 0).sum())
+        if rec is not None and "samples" in rec:
+            state.samples += int(rec["samples"])
+        else:
+            table = pq.read_table(loc.join(rel), columns=["window"], filesystem=loc.fs)
+            state.samples += int((table.column("window").to_numpy() == 0).sum())
     return state
 
 
@@ -213,6 +276,8 @@ def finalize_store(
     input_records: int,
     duplicates: int,
     max_error_rate: float,
+    blank_lines: int = 0,
+    lease_token: str | None = None,
 ) -> F.Manifest:
     """Check the dead-letter rate, write the manifest (last), then remove unlisted files.
 
@@ -221,14 +286,18 @@ def finalize_store(
     records, where a sample with several failed windows counts once.
     Dead letters are recomputed over the whole input by every run (rejected samples are
     never stored, so a resumed run meets them again); files of earlier runs are replaced.
+    ``blank_lines`` (skipped, not errors) are neither. ``lease_token``: the manifest is
+    written only while the store's writer lease still carries it (fencing, see
+    :mod:`kdstore.lease`).
     """
+    from kdstore.lease import check_lease  # noqa: PLC0415
     from kdstore.writer import finalize  # noqa: PLC0415
 
     loc = resolve(uri)
     dead = sum(e["count"] for e in error_files)
     failed = sum(e.get("other", e["count"]) for e in error_files)
     failed += len(set().union(*(e.get("inference_samples", []) for e in error_files)))
-    total_in = input_records
+    total_in = input_records - blank_lines
     rate = failed / total_in if total_in else 0.0
     if rate > max_error_rate:
         reasons: dict[str, int] = {}
@@ -243,12 +312,13 @@ def finalize_store(
         )
     shards = list(resume.shards) + list(new_shards)
     files = [e["file"] for e in error_files if e.get("file")]
+    check_lease(uri, lease_token)
     m = finalize(
         loc, manifest, shards=shards, vocab=vocab_entry, error_files=files, dead_letters=dead,
         extra_totals={
             "samples": resume.samples + new_samples, "input_records": input_records, "duplicates": duplicates,
-            "failed_samples": failed,
-            "resumed_rows": resume.rows,
+            "failed_samples": failed, "blank_lines": blank_lines,
+            "resumed_rows": resume.rows, "quarantined_shards": len(resume.quarantined),
         },
     )
     keep = {s.file for s in shards} | set(files)

@@ -156,6 +156,11 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     """The teacher's tokenizer (a fast tokenizer: offsets are needed for byte spans)."""
     from transformers import AutoTokenizer  # noqa: PLC0415
 
+    if not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
+        # Without tokenizer files transformers may quietly build a 1-token tokenizer, and
+        # every sample would then fail as "tokenizer produced no tokens".
+        raise TeacherError(f"no fast tokenizer found in {model_dir} (none of {', '.join(TOKENIZER_FILES)}); save the "
+                           f"teacher's tokenizer into it (tokenizer.save_pretrained(DIR))")
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

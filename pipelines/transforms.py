@@ -11,6 +11,7 @@ manifest once.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import Counter
 from typing import Any, Iterator
@@ -23,7 +24,7 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 
 from kdstore import format as F
-from kdstore.textio import DeadLetter, ReaderSpec, Record, iter_file, resolve_duplicates
+from kdstore.textio import BLANK as BLANK_LINE, DeadLetter, ReaderSpec, Record, iter_file, resolve_duplicates
 from kdstore.errors import StoreFormatError
 from kdstore.fs import resolve
 from pipelines import sinks
@@ -34,7 +35,9 @@ from pipelines.windows import WindowSpec, make_windows
 _LOG = logging.getLogger(__name__)
 NS = "kdstore_capture"
 DEAD = "dead"
-WINDOW_STAGES = ("inference", "encode")  # dead letters of one window, not of a whole sample
+BLANK = "blank"
+WINDOW_STAGES = ("inference", "encode", "sample")  # dead letters of one window, not of a whole sample
+_clock = time.monotonic  # shard time bound (a module attribute, so tests can drive it)
 
 
 def _counter(name: str):
@@ -47,26 +50,30 @@ class _ReadFileDoFn(beam.DoFn):
         self._spec = spec
         self._records = _counter("records_read")
         self._dead = _counter("dead_letters")
+        self._blank = _counter("blank_lines")
 
     def process(self, path: str) -> Iterator[Any]:
         for item in iter_file(path, self._spec):
             if isinstance(item, Record):
                 self._records.inc()
                 yield item
+            elif item.reason == BLANK_LINE:  # blank lines: counted, not errors
+                self._blank.inc()
+                yield beam.pvalue.TaggedOutput(BLANK, 1)
             else:
                 self._dead.inc()
                 yield beam.pvalue.TaggedOutput(DEAD, item.to_dict())
 
 
 class ReadCorpus(beam.PTransform):
-    """File paths -> ``Record`` (main) and dead-letter dicts (tag ``dead``)."""
+    """File paths -> ``Record`` (main), dead-letter dicts (tag ``dead``) and a 1 per blank line (tag ``blank``)."""
 
     def __init__(self, spec: ReaderSpec) -> None:
         super().__init__()
         self._spec = spec
 
     def expand(self, files):
-        return files | "ReadFiles" >> beam.ParDo(_ReadFileDoFn(self._spec)).with_outputs(DEAD, main="records")
+        return files | "ReadFiles" >> beam.ParDo(_ReadFileDoFn(self._spec)).with_outputs(DEAD, BLANK, main="records")
 
 
 # -- dedupe ----------------------------------------------------------------------------------------
@@ -163,6 +170,8 @@ class _WindowDoFn(beam.DoFn):
                 if stored.any():
                     self._skipped.inc(int(stored.sum()))
                     res = [w for w, s in zip(res, stored) if not s]
+                    for w in res:
+                        w.siblings = len(res)
             for w in res:
                 self._windows.inc()
                 self._tokens.inc(len(w.input_ids))
@@ -208,18 +217,26 @@ class TeacherInference(beam.PTransform):
 
 # -- shards ----------------------------------------------------------------------------------------
 class _WriteShardsDoFn(beam.DoFn):
-    """Buffers rows, encodes them in large tables (one row group each) and writes shards.
+    """Stores samples whole, encodes them in large tables (one row group each), writes shards.
 
-    A shard is opened per bundle and closed in ``finish_bundle`` (or when it reaches
-    ``shard_bytes``); its :class:`ShardInfo` is emitted then. A retried bundle writes new
-    files; the failed attempt's files are not listed and are removed at finalize.
+    The windows of a sample arrive in one bundle (tokenizing, inference and writing are
+    fused); they are held until all ``siblings`` are here, then stored together, or, if one
+    failed, all dead-lettered (the failed window with its reason, the others "sample
+    dropped"). A shard is closed at about ``shard_bytes`` (row groups are cut by an
+    estimate of their encoded size, learnt from the shard so far), at ``shard_seconds``
+    after it was opened, and at the end of the bundle; its :class:`ShardInfo` is emitted
+    then and its record written (:func:`kdstore.writer.write_shard_record`). A retried
+    bundle writes new files; the failed attempt's files are not listed and are removed at
+    finalize.
     """
 
-    def __init__(self, *, store_uri: str, manifest_json: str, row_group_rows: int, shard_bytes: int) -> None:
+    def __init__(self, *, store_uri: str, manifest_json: str, row_group_rows: int, shard_bytes: int,
+                 shard_seconds: float = 300.0) -> None:
         self._uri = store_uri
         self._manifest_json = manifest_json
         self._row_group_rows = row_group_rows
         self._shard_bytes = shard_bytes
+        self._shard_seconds = shard_seconds
         self._rows_c = _counter("rows_written")
         self._bytes_c = _counter("bytes_written")
         self._dead = _counter("dead_letters")
@@ -232,56 +249,111 @@ class _WriteShardsDoFn(beam.DoFn):
         self._encoder = RowEncoder(self._manifest)
         self._hash_of_id = hash_of_id(_read_vocab(self._uri))
         self._prefix = f"part-{uuid.uuid4().hex[:8]}"
+        self._ratio = 0.5  # encoded bytes per raw array byte; updated from each written row group
+        self._footer = 4096  # bytes a shard's close adds (Parquet footer with the schema); learnt at each close
 
     def start_bundle(self) -> None:
         self._rows: list = []
+        self._raw = 0  # raw array bytes of the buffered rows
         self._writer = None
+        self._opened = None
         self._samples = 0
+        self._pending: dict[str, list] = {}
 
     def process(self, item) -> Iterator[Any]:
-        window, out = item
-        if isinstance(out, str):
-            self._dead.inc()
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(reason=out, source=window.source, sample_id=window.sample_id,
-                                                            stage="inference", window=window.window).to_dict())
-            return
-        row = sinks.to_row(window, out, self._hash_of_id, level=self._manifest.level, columns=self._manifest.columns)
-        try:
-            self._encoder.check_row(row)  # one bad row becomes a dead letter instead of failing the bundle
-        except StoreFormatError as exc:
-            self._dead.inc()
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(reason=f"encode error: {exc}", source=window.source,
-                                                            sample_id=window.sample_id, stage="encode", window=window.window).to_dict())
-            return
-        self._rows.append(row)
-        if len(self._rows) >= self._row_group_rows:
-            yield from self._flush(final=False)
+        window, _ = item
+        group = self._pending.setdefault(window.sample_id, [])
+        group.append(item)
+        if len(group) >= window.siblings:
+            del self._pending[window.sample_id]
+            yield from self._store_sample(group)
+        if self._opened is not None and _clock() - self._opened >= self._shard_seconds:
+            yield from self._flush(final=True)  # the time bound: a kill loses at most this much
 
     def finish_bundle(self) -> Iterator[Any]:
+        for sid, group in list(self._pending.items()):
+            # Not expected (fused stages deliver a sample's windows in one bundle): store
+            # what arrived rather than lose it, and say so.
+            _LOG.warning("sample %s: %d of %d windows reached the writer's bundle", sid, len(group), group[0][0].siblings)
+            for out in self._store_sample(group):
+                yield GlobalWindows.windowed_value(out) if not isinstance(out, beam.pvalue.TaggedOutput) else \
+                    beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+        self._pending = {}
         for info in self._flush(final=True):
             yield GlobalWindows.windowed_value(info)
+
+    def _store_sample(self, group: list) -> Iterator[Any]:
+        group.sort(key=lambda wo: wo[0].window)
+        rows, failed = [], None
+        for window, out in group:
+            if isinstance(out, str):
+                failed = failed or (window, out, "inference")
+                continue
+            row = sinks.to_row(window, out, self._hash_of_id, level=self._manifest.level, columns=self._manifest.columns)
+            try:
+                self._encoder.check_row(row)  # one bad row becomes a dead letter instead of failing the bundle
+            except StoreFormatError as exc:
+                failed = failed or (window, f"encode error: {exc}", "encode")
+                continue
+            rows.append(row)
+        if failed is not None:
+            fw, reason, stage = failed
+            for window, out in group:
+                own = out if isinstance(out, str) else None
+                if window is fw:
+                    why, st = reason, stage
+                elif own is not None:
+                    why, st = own, "inference"
+                else:
+                    why, st = f"sample dropped: window {fw.window} failed: {reason}", "sample"
+                self._dead.inc()
+                yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(reason=why, source=window.source, sample_id=window.sample_id,
+                                                                stage=st, window=window.window).to_dict())
+            return
+        if self._opened is None:
+            self._opened = _clock()
+        self._rows.extend(rows)
+        self._raw += sum(_raw_bytes(r) for r in rows)
+        room = self._shard_bytes - self._footer - (self._writer.bytes_written if self._writer is not None else 0)
+        if len(self._rows) >= self._row_group_rows or self._raw * self._ratio >= room:
+            yield from self._flush(final=False)
 
     def _flush(self, *, final: bool) -> Iterator[dict]:
         from kdstore.writer import ShardWriter, shard_name  # noqa: PLC0415
 
         if self._rows:
-            rows, self._rows = self._rows, []
+            rows, raw, self._rows, self._raw = self._rows, self._raw, [], 0
             self._samples += sum(1 for r in rows if r.window == 0)
             table = self._encoder.encode(rows)
             if self._writer is None:
                 self._writer = ShardWriter(location=self._loc, rel_path=shard_name(self._prefix), manifest=self._manifest)
+            before = self._writer.bytes_written
             self._writer.write_table(table)
+            if raw:
+                self._ratio = max(0.01, (self._writer.bytes_written - before) / raw)
             self._rows_c.inc(table.num_rows)
-        if self._writer is not None and (final or self._writer.bytes_written >= self._shard_bytes):
+        if self._writer is not None and (final or self._writer.bytes_written + self._footer >= 0.9 * self._shard_bytes):
+            before = self._writer.bytes_written
             info = self._writer.close()
+            self._footer = max(0, info.bytes - before)
             self._writer = None
+            self._opened = None
             self._bytes_c.inc(info.bytes)
             yield {"shard": info.__dict__, "samples": self._samples}
             self._samples = 0
+        elif final:
+            self._opened = None
 
     def teardown(self) -> None:
         if getattr(self, "_writer", None) is not None:
             self._writer.abort()
+
+
+def _raw_bytes(row) -> int:
+    """Array bytes of a row before encoding (what the encoded-size estimate scales)."""
+    n = sum(getattr(row, a).nbytes for a in ("tokens", "indices", "probs", "tail", "counts") if getattr(row, a) is not None)
+    n += sum(getattr(row, a).nbytes for a in ("byte_start", "byte_end") if getattr(row, a) is not None)
+    return n + (len(row.text.encode("utf-8")) if row.text else 0)
 
 
 class WriteShards(beam.PTransform):
@@ -345,22 +417,25 @@ class WriteDeadLetters(beam.PTransform):
 
 # -- finalize --------------------------------------------------------------------------------------
 class _FinalizeDoFn(beam.DoFn):
-    def __init__(self, *, store_uri: str, manifest_json: str, vocab_entry: dict, resume: dict, max_error_rate: float) -> None:
+    def __init__(self, *, store_uri: str, manifest_json: str, vocab_entry: dict, resume: dict, max_error_rate: float,
+                 lease_token: str | None = None) -> None:
         self._uri = store_uri
         self._manifest_json = manifest_json
         self._vocab_entry = vocab_entry
         self._resume = resume
         self._max_error_rate = max_error_rate
+        self._lease_token = lease_token
 
     def process(self, _, shards: list[dict], errors: list[dict], n_read: int, n_read_dead: int, n_unique: int,
-                n_dedupe_dead: int) -> Iterator[dict]:
+                n_dedupe_dead: int, n_blank: int = 0) -> Iterator[dict]:
         manifest = F.Manifest.from_json(self._manifest_json)
         m = sinks.finalize_store(
             self._uri, manifest, vocab_entry=self._vocab_entry, resume=sinks.ResumeState.from_json(self._resume),
             new_shards=[F.ShardInfo(**s["shard"]) for s in shards], new_samples=sum(s["samples"] for s in shards),
-            # Records either survive dedupe, merge into a kept copy, or are dead letters (conflicting labels).
-            error_files=errors, input_records=n_read + n_read_dead, duplicates=n_read - n_unique - n_dedupe_dead,
-            max_error_rate=self._max_error_rate,
+            # Records either survive dedupe, merge into a kept copy, or are dead letters (conflicting labels);
+            # blank lines are counted input but neither.
+            error_files=errors, input_records=n_read + n_read_dead + n_blank, duplicates=n_read - n_unique - n_dedupe_dead,
+            max_error_rate=self._max_error_rate, blank_lines=n_blank, lease_token=self._lease_token,
         )
         yield m.totals
 
@@ -368,19 +443,20 @@ class _FinalizeDoFn(beam.DoFn):
 class FinalizeStore(beam.PTransform):
     """Collects everything and writes the manifest once (after all shards are written)."""
 
-    def __init__(self, *, shards, errors, records, read_dead, unique, dedupe_dead, **kwargs: Any) -> None:
+    def __init__(self, *, shards, errors, records, read_dead, unique, dedupe_dead, blank, **kwargs: Any) -> None:
         super().__init__()
-        self._pcolls = (shards, errors, records, read_dead, unique, dedupe_dead)
+        self._pcolls = (shards, errors, records, read_dead, unique, dedupe_dead, blank)
         self._kwargs = kwargs
 
     def expand(self, pbegin):
-        shards, errors, records, read_dead, unique, dedupe_dead = self._pcolls
+        shards, errors, records, read_dead, unique, dedupe_dead, blank = self._pcolls
         all_shards = shards | "CollectShards" >> beam.combiners.ToList()
         all_errors = errors | "CollectErrorFiles" >> beam.combiners.ToList()
         n_read = records | "CountRecords" >> beam.combiners.Count.Globally()
         n_dead = read_dead | "CountReadDeadLetters" >> beam.combiners.Count.Globally()
         n_unique = unique | "CountUnique" >> beam.combiners.Count.Globally()
         n_dedupe_dead = dedupe_dead | "CountDedupeDeadLetters" >> beam.combiners.Count.Globally()
+        n_blank = blank | "CountBlankLines" >> beam.combiners.Count.Globally()
         return (
             pbegin
             | "Trigger" >> beam.Create([None])
@@ -388,6 +464,7 @@ class FinalizeStore(beam.PTransform):
                 _FinalizeDoFn(**self._kwargs), beam.pvalue.AsSingleton(all_shards), beam.pvalue.AsSingleton(all_errors),
                 beam.pvalue.AsSingleton(n_read), beam.pvalue.AsSingleton(n_dead), beam.pvalue.AsSingleton(n_unique),
                 beam.pvalue.AsSingleton(n_dedupe_dead),
+                beam.pvalue.AsSingleton(n_blank),
             )
         )
 

@@ -30,6 +30,8 @@ class Window:
     byte_start / byte_end: ``[T]`` uint32 UTF-8 byte offsets into ``text`` (None when
         text is not stored).
     key:        64-bit integer ``int(sample_id, 16) ^ window`` that seeds sample-mode draws.
+    siblings:   how many windows of the sample this run computes; the writer stores them
+        together once all have arrived, or dead-letters all if one failed.
     """
 
     sample_id: str
@@ -42,6 +44,7 @@ class Window:
     byte_start: np.ndarray | None = None
     byte_end: np.ndarray | None = None
     label: int | None = None
+    siblings: int = 1  # windows of this sample sent to the teacher in this run (all stored, or none)
 
     @property
     def key(self) -> int:
@@ -74,6 +77,20 @@ class WindowSpec:
     @property
     def step(self) -> int:
         return self.stride or self.max_length
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config) -> tuple[int | None, str | None]:
+    """``(positions, config key)`` the teacher can attend over, or ``(None, None)`` if its
+    config does not say (text config for composite models)."""
+    for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
+        for key in CONTEXT_KEYS:
+            v = getattr(c, key, None) if c is not None else None
+            if isinstance(v, int) and v > 0:
+                return v, key
+    return None, None
 
 
 def window_starts(n_tokens: int, max_length: int, step: int) -> list[int]:
@@ -166,7 +183,7 @@ def make_windows(
             sample_id=record.sample_id, window=w, token_start=s, context_len=max(0, prev_end - s),
             input_ids=ids[s:e].copy(), source=record.source, text=text,
             byte_start=None if bs is None else _rebase(bs[s:e], lo), byte_end=None if be is None else _rebase(be[s:e], lo),
-            label=record.label,
+            label=record.label, siblings=len(starts),
         ))
         prev_end = e
     return out

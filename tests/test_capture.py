@@ -55,12 +55,12 @@ def teacher(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, texts):
-    """Two text files: 60 real lines, a duplicate, an empty line and an undecodable line."""
+    """Two text files: 60 real lines, a duplicate, a blank line (skipped) and an undecodable line."""
     d = tmp_path_factory.mktemp("corpus")
     lines = texts[:60]
     (d / "a.txt").write_text("\n".join(lines[:30]) + "\n\n", encoding="utf-8")
     (d / "b.txt").write_bytes(("\n".join(lines[30:]) + "\n").encode() + b"\xc3\x28 broken\n" + lines[0].encode() + b"\n")
-    return {"glob": str(d / "*.txt"), "lines": lines, "bad": {f"{d / 'a.txt'}:31": "empty line", f"{d / 'b.txt'}:31": "undecodable"}}
+    return {"glob": str(d / "*.txt"), "lines": lines, "bad": {f"{d / 'b.txt'}:31": "undecodable"}}
 
 
 def run_capture(args: list[str]) -> dict:
@@ -219,8 +219,9 @@ def test_every_sample_once_or_dead_lettered(topk_store, corpus, tokenizer_dir):
     dead = read_dead_letters(store)
     assert {d["source"]: d["reason"].split(":")[0] for d in dead} == corpus["bad"]
     t = store.manifest.totals
-    assert t["input_records"] == 63 and t["dead_letters"] == 2 and t["duplicates"] == 1 and t["samples"] == 60
-    assert t["input_records"] == t["samples"] + t["duplicates"] + t["dead_letters"]
+    assert t["input_records"] == 63 and t["dead_letters"] == 1 and t["duplicates"] == 1 and t["samples"] == 60
+    assert t["blank_lines"] == 1
+    assert t["input_records"] == t["samples"] + t["duplicates"] + t["dead_letters"] + t["blank_lines"]
     assert res["metrics"]["records_read"] == 61 and res["metrics"]["windows"] == len(rows)
 
 
@@ -283,36 +284,48 @@ def test_pipeline_rows_equal_plain_loop_rows(tmp_path, teacher, corpus, topk_sto
 
 
 # -- resume ---------------------------------------------------------------------------------------------
-def test_resume_after_crash_completes_without_duplicates(tmp_path, teacher, corpus, topk_store):
-    uri, _ = topk_store
-    import shutil
+def test_resume_after_crash_completes_without_duplicates(tmp_path, teacher, corpus, topk_store, monkeypatch):
+    from pipelines import sinks
 
+    uri, _ = topk_store
     out = tmp_path / "crashed"
-    shutil.copytree(uri, out)
-    store = kdstore.open(str(out))
-    shards = store.shards
+    args = ["--teacher", str(teacher), "--input", corpus["glob"], "--output", str(out), "--select", "topk", "--k", "8",
+            "--max-length", "48", "--max-error-rate", "0.1", "--shard-bytes", "20000", "--row-group-rows", "16"]
+
+    def crash(*a, **kw):
+        raise RuntimeError("crash before the manifest")
+
+    with monkeypatch.context() as m:  # a crash after the shards were written, before the manifest
+        m.setattr(sinks, "finalize_store", crash)
+        with pytest.raises(Exception, match="crash before the manifest"):
+            run_capture(args)
+    shards = sorted(p for p in (out / "shards").iterdir() if p.suffix == ".parquet")
     assert len(shards) >= 3
-    # A crash: no manifest, one finished shard lost, one truncated mid-write, errors lost.
-    (out / "manifest.json").unlink()
-    (out / shards[0].file).unlink()
-    data = (out / shards[1].file).read_bytes()
-    (out / shards[1].file).write_bytes(data[: len(data) // 2])
+    rows = [pq_rows(p) for p in shards]
+    # Worse: one finished shard lost, one truncated (as if mid-write), dead letters lost.
+    shards[0].unlink()
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
     for f in (out / "errors").iterdir():
         f.unlink()
     with pytest.raises(kdstore.IncompleteStoreError):
         kdstore.open(str(out))
-    args = ["--teacher", str(teacher), "--input", corpus["glob"], "--output", str(out), "--select", "topk", "--k", "8",
-            "--max-length", "48", "--max-error-rate", "0.1"]
     assert capture.main(args + INPROC) == 1  # existing output without --resume is refused
     res = run_capture(args + ["--resume"])
     verify_store(str(out))
     assert rows_by_key(str(out)) == rows_by_key(uri)  # same rows as the uninterrupted run: nothing lost or doubled
-    kept = sum(s.rows for s in shards[2:])
+    kept = sum(rows[2:])
     assert res["metrics"]["windows_skipped_resume"] == kept
-    assert res["metrics"]["windows"] == shards[0].rows + shards[1].rows
+    assert res["metrics"]["windows"] == rows[0] + rows[1]
     t = kdstore.open(str(out)).manifest.totals
-    assert t["resumed_rows"] == kept and t["dead_letters"] == 2 and t["samples"] == 60
+    assert t["resumed_rows"] == kept and t["dead_letters"] == 1 and t["samples"] == 60 and t["quarantined_shards"] == 1
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(s.file.split("/")[1] for s in kdstore.open(str(out)).shards)
+
+
+def pq_rows(path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
 
 
 def test_resume_refuses_other_selection(tmp_path, teacher, corpus, topk_store):
@@ -342,7 +355,8 @@ def test_error_rate_limit_fails_without_manifest(tmp_path, teacher, texts, capsy
 
 def test_model_errors_become_window_dead_letters(tmp_path, tokenizer_dir, texts):
     """A teacher whose embedding is smaller than its tokenizer fails on high ids: exactly
-    those windows are dead-lettered (stage inference), the rest is stored."""
+    those windows are dead-lettered (stage inference), the other windows of their samples
+    too (stage sample), the rest is stored."""
     from transformers import AutoTokenizer
 
     broken = make_tiny_causal_lm(tmp_path / "broken", tokenizer_dir=tokenizer_dir, hidden=32, layers=1, heads=2, vocab_size=400)
@@ -352,15 +366,18 @@ def test_model_errors_become_window_dead_letters(tmp_path, tokenizer_dir, texts)
     out = str(tmp_path / "store")
     run_capture(["--teacher", str(broken), "--input", str(tmp_path / "c.txt"), "--output", out, "--max-length", "32",
                  "--max-error-rate", "1.0", "--k", "4"])
-    want_bad, want_ok = set(), set()
+    want_bad, want_ok, dropped = set(), set(), set()
     for t in lines:
         ids = tok(t)["input_ids"]
-        for w in range(max(1, -(-len(ids) // 32))):
-            (want_bad if max(ids[w * 32 : (w + 1) * 32]) >= 400 else want_ok).add((sample_id(t), w))
-    assert want_bad and want_ok
+        wins = [(sample_id(t), w) for w in range(max(1, -(-len(ids) // 32)))]
+        bad = {k for k in wins if max(ids[k[1] * 32 : (k[1] + 1) * 32]) >= 400}
+        want_bad |= bad
+        (dropped if bad else want_ok).update(set(wins) - bad)  # a sample is stored whole or not at all
+    assert want_bad and want_ok and dropped
     dead = read_dead_letters(kdstore.open(out))
-    assert {(d["sample_id"], d["window"]) for d in dead} == want_bad
-    assert all(d["stage"] == "inference" and d["reason"].startswith("model error") for d in dead)
+    assert {(d["sample_id"], d["window"]) for d in dead if d["stage"] == "inference"} == want_bad
+    assert all(d["reason"].startswith("model error") for d in dead if d["stage"] == "inference")
+    assert {(d["sample_id"], d["window"]) for d in dead if d["stage"] == "sample"} == dropped
     assert set(rows_by_key(out)) == want_ok
 
 

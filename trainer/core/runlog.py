@@ -92,7 +92,8 @@ class RunLog:
         if not self.enabled:
             return
         self.write({"event": "eval", "step": step, **{f"eval_{k}": v for k, v in ev.items()}})
-        msg = f"eval @ {step}: CE {ev['ce']:.4f} ppl {ev['ppl']:.2f} KL({ev['kl_kind']}) {ev['kl']:.4f} on {ev['tokens']} tokens"
+        kl = f" KL({ev['kl_kind']}) {ev['kl']:.4f}" if math.isfinite(ev["kl"]) else ""  # no teacher signal: no KL
+        msg = f"eval @ {step}: CE {ev['ce']:.4f} ppl {ev['ppl']:.2f}{kl} on {ev['tokens']} tokens"
         (bar.write if bar is not None else print)(msg)
 
     def plot(

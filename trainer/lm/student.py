@@ -191,7 +191,8 @@ def _train(cfg: TrainConfig, dist: "Dist") -> dict[str, Any]:
                      eval_keys=(("eval_ce", "held-out CE"), ("eval_kl", "held-out KL to teacher")), eval_ylabel="nats / token")
         ev = summary.get("eval_ce")
         print(f"done: {step} steps in {train_s:.1f}s (median step {summary['step_time_median'] * 1000:.0f} ms)"
-              + (f"; held-out CE {ev:.4f} (ppl {summary['eval_ppl']:.2f}), KL {summary['eval_kl']:.4f}" if ev is not None else ""),
+              + (f"; held-out CE {ev:.4f} (ppl {summary['eval_ppl']:.2f})" if ev is not None else "")
+              + (f", KL {summary['eval_kl']:.4f}" if ev is not None and math.isfinite(summary["eval_kl"]) else ""),
               flush=True)
     return summary
 
@@ -344,6 +345,7 @@ def _parser(prog: str, *, lm: bool) -> argparse.ArgumentParser:
     p.add_argument("--out", dest="out_dir", help="output directory")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--resume", help="checkpoint file or run directory to continue (its config is reused)")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out (its checkpoints, logs, model)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
@@ -356,7 +358,7 @@ def _config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfi
         cfg = from_dict(TrainConfig, saved["config"])
         cfg = apply_overrides(cfg, ["stop_at=0"])
     flags = [f"{k}={v}" for k, v in vars(args).items()
-             if k not in ("overrides", "print_config", "resume") and v is not None]
+             if k not in ("overrides", "print_config", "resume", "overwrite") and v is not None]
     cfg = apply_overrides(cfg, flags + list(args.overrides))
     if args.resume:
         cfg = apply_overrides(cfg, [f"resume={args.resume}"])
@@ -372,11 +374,35 @@ def _run_cli(argv: list[str] | None, prog: str, *, lm: bool) -> int:
         if args.print_config:
             print(format_config(cfg))
             return 0
+        _claim_out_dir(Path(cfg.out_dir), resume=bool(cfg.resume), overwrite=args.overwrite)
         train(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+RUN_FILES = ("checkpoints", "model", "metrics.jsonl", "config.json", "result.json", "curves.png")
+
+
+def _claim_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds an earlier run (its checkpoints would mix
+    with the new ones, and ``--resume`` would pick up the old config) unless ``--resume``
+    continues it or ``--overwrite`` replaces it; ``--overwrite`` removes only run files."""
+    import shutil  # noqa: PLC0415
+
+    if resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    ours = [p for p in out.iterdir() if p.name in RUN_FILES or p.name.startswith(("rank-", "samples-rank"))]
+    others = sorted(p.name for p in out.iterdir() if p not in ours)
+    if not overwrite:
+        raise ValueError(f"{out}: holds an earlier run ({', '.join(sorted(p.name for p in ours)) or ', '.join(others)}); "
+                         f"pass --resume {out} to continue it, --overwrite to replace it, or choose another --out")
+    if others:
+        raise ValueError(f"{out}: --overwrite only replaces a run folder, and this one also holds {others[:5]}; "
+                         f"choose another --out")
+    for p in ours:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def main(argv: list[str] | None = None, prog: str = "kd train student") -> int:
