@@ -72,7 +72,8 @@ class FederatedConfig:
     # -- budget and loop -----------------------------------------------------------------
     max_updates: int = 30  # folds after which the master stops (sync: rounds x nodes)
     time_budget_s: float = 0.0  # stop after this many seconds (0 = no limit)
-    reply_timeout_s: float = 300.0  # a node silent this long is counted lost (it may rejoin)
+    reply_timeout_s: float = 300.0  # a node silent this long after a train message is counted lost (it may rejoin)
+    join_timeout_s: float = 300.0  # how long a node may take to answer the instruction (it loads its data)
     seed: int = 0
     threads: int = 1  # torch threads per node
     out_dir: str = "runs/federated"
@@ -125,8 +126,8 @@ class FederatedConfig:
             raise ValueError("async_alpha and max_weight must be in (0, 1]")
         if self.staleness_power < 0:
             raise ValueError(f"staleness_power must be >= 0, got {self.staleness_power}")
-        if self.local_seconds <= 0 or self.reply_timeout_s <= 0:
-            raise ValueError("local_seconds and reply_timeout_s must be > 0")
+        if self.local_seconds <= 0 or self.reply_timeout_s <= 0 or self.join_timeout_s <= 0:
+            raise ValueError("local_seconds, reply_timeout_s and join_timeout_s must be > 0")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
         self.slowdowns()

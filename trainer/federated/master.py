@@ -124,9 +124,10 @@ class Master:
             out.append((msg, node, kind, version))
         now = time.perf_counter()
         for mid, (node, kind, sent, _) in list(self.pending.items()):
-            if now - sent > self.cfg.reply_timeout_s:
+            limit = self.cfg.join_timeout_s if kind == P.INSTRUCTION else self.cfg.reply_timeout_s
+            if now - sent > limit:
                 del self.pending[mid]
-                self._lose(node, f"no reply to {kind} within {self.cfg.reply_timeout_s:.0f} s")
+                self._lose(node, f"no reply to {kind} within {limit:.0f} s")
         return out
 
     def _lose(self, node: int, why: str) -> None:
@@ -214,7 +215,7 @@ class Master:
     # -- the protocol ---------------------------------------------------------------------
     def handshake(self) -> None:
         """Steps 1-2: instruct every connected node and collect their answers."""
-        deadline = time.perf_counter() + self.cfg.reply_timeout_s
+        deadline = time.perf_counter() + self.cfg.join_timeout_s
         ids: list[int] = []
         while not ids and time.perf_counter() < deadline:  # SuperNodes may still be connecting
             ids = list(self.grid.get_node_ids())
@@ -249,7 +250,7 @@ class Master:
 
     def _rejoin(self) -> None:
         """Re-instruct new or lost nodes; a node that confirms starts from the current global."""
-        fresh = self._new_nodes(retry_after=min(5.0, self.cfg.reply_timeout_s))
+        fresh = self._new_nodes(retry_after=2.0)
         if fresh:
             self._instruct(fresh)
 
