@@ -70,6 +70,7 @@ class FederatedConfig:
     max_weight: float = 1.0  # cap on one fold's weight
 
     # -- budget and loop -----------------------------------------------------------------
+    min_nodes: int = 1  # the master waits (up to join_timeout_s) until this many nodes are connected
     max_updates: int = 30  # folds after which the master stops (sync: rounds x nodes)
     time_budget_s: float = 0.0  # stop after this many seconds (0 = no limit)
     reply_timeout_s: float = 300.0  # a node silent this long after a train message is counted lost (it may rejoin)
@@ -117,7 +118,7 @@ class FederatedConfig:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.update_rule not in UPDATE_RULES:
             raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
-        for key in ("local_steps", "batch_size", "max_updates", "d_model", "n_layers", "n_heads", "max_len", "threads"):
+        for key in ("min_nodes", "local_steps", "batch_size", "max_updates", "d_model", "n_layers", "n_heads", "max_len", "threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.d_model % self.n_heads:

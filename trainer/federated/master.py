@@ -217,9 +217,11 @@ class Master:
         """Steps 1-2: instruct every connected node and collect their answers."""
         deadline = time.perf_counter() + self.cfg.join_timeout_s
         ids: list[int] = []
-        while not ids and time.perf_counter() < deadline:  # SuperNodes may still be connecting
+        while time.perf_counter() < deadline:  # SuperNodes may still be connecting
             ids = list(self.grid.get_node_ids())
-            time.sleep(0 if ids else 0.5)
+            if len(ids) >= self.cfg.min_nodes:
+                break
+            time.sleep(0.5)
         self._instruct(ids)
         while any(k == P.INSTRUCTION for _, k, _, _ in self.pending.values()):
             for msg, node, _, _ in self._pull(1.0):
@@ -231,17 +233,25 @@ class Master:
         print(f"{len(self.nodes)} node(s) confirmed: {sorted(self.nodes.values())}; {len(self.declined)} declined", flush=True)
 
     def first_round(self) -> None:
-        """Steps 3-5: initial parameters to every confirmed node; sample-weighted average."""
+        """Steps 3-5: initial parameters to every confirmed node; sample-weighted average of
+        the first updates. Nodes lost here are re-instructed until ``join_timeout_s``."""
         for n in list(self.nodes):
             self._send_train(n)
         got: dict[int, tuple[dict, int]] = {}
-        while any(k == P.TRAIN for _, k, _, _ in self.pending.values()):
-            for msg, node, _, _ in self._pull(1.0):
+        deadline = time.perf_counter() + self.cfg.join_timeout_s
+        while self.pending or (not got and time.perf_counter() < deadline):
+            for msg, node, kind, _ in self._pull(1.0):
+                if kind == P.INSTRUCTION:
+                    if self._confirmed(msg, node):
+                        self._send_train(node)
+                    continue
                 upd = self._update(msg, node)
                 if upd is not None:
                     got[node] = (upd[0], int(upd[1]["num_examples"]))
+            if not got:
+                self._rejoin()
         if not got:
-            raise RuntimeError("every node failed its first local round; see the node errors above")
+            raise RuntimeError("no node returned a first update within join_timeout_s; see the node errors above")
         self.agg.initial(got)
         self.updates += len(got)
         for n in got:

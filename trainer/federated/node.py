@@ -152,7 +152,7 @@ def local_train(spec: NodeSpec, encoder, head, data: T.NodeData, rule: dict[str,
         opt.step()
         steps += 1
         examples += int(batch["input_ids"].shape[0])
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
         if spec.slowdown > 1:  # a simulated slower machine: the step takes `slowdown` times as long
             time.sleep((spec.slowdown - 1.0) * (time.perf_counter() - ts))
     return {"steps": float(steps), "num_examples": float(examples), "train_loss": loss_sum / max(steps, 1),
