@@ -11,7 +11,7 @@ update rule sent to every node and, for the one-machine simulation, the nodes th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,3 @@ def load_config(path: str | None, overrides: list[str]) -> FederatedConfig:
         cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in base.items()])
     return apply_overrides(cfg, overrides)
 
-
-def config_keys() -> list[str]:
-    return [f.name for f in fields(FederatedConfig)]
