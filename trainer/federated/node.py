@@ -58,7 +58,7 @@ def vocab_identity(tokenizer_dir: str) -> str | None:
     records for its teacher (``teacher.tokenizer_hash``), so a KD node compares it directly."""
     from pathlib import Path  # noqa: PLC0415
 
-    from pipelines.teacher import tokenizer_hash  # noqa: PLC0415
+    from pipelines.teachers import tokenizer_hash  # noqa: PLC0415
 
     return tokenizer_hash(Path(tokenizer_dir))
 
