@@ -257,7 +257,7 @@ def capture_kd_store(teacher: str, texts: list[str], out: str, *, max_len: int, 
     import tempfile  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    from pipelines.capture import parse_args  # noqa: PLC0415
+    from pipelines.options import parse_args  # noqa: PLC0415
     from pipelines.plain import capture_plain  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
