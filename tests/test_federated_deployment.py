@@ -89,7 +89,8 @@ def deployment(tmp_path):
     def start(args: list[str], name: str) -> None:
         log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed in finally
         logs.append(log)
-        procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                      cwd=tmp_path))  # Flower writes its state files into the cwd
 
     try:
         start([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
@@ -129,7 +130,7 @@ def test_deployment_runtime_superlink_and_three_supernodes(deployment):
     d = deployment
     cfg_file = d["tmp"] / "fed.json"
     res = subprocess.run([str(BIN / "flwr"), "run", str(d["app"]), "test", "--run-config", f"config='{cfg_file}'",
-                          "--stream"], env=d["env"], capture_output=True, text=True, timeout=900)
+                          "--stream"], env=d["env"], cwd=d["tmp"], capture_output=True, text=True, timeout=900)
     out = Path(d["cfg"]["out_dir"])
     deadline = time.time() + 60
     while not (out / "summary.json").exists() and time.time() < deadline:  # the stream may end first
