@@ -25,6 +25,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("train", "rdrop"): ("trainer.classify.rdrop", "main", "R-Drop fine-tuning across segmentation granularities"),
     ("train", "cascade"): ("trainer.classify.cascade", "main", "cascade distillation A -> B -> TextCNN student"),
     ("train", "continual"): ("trainer.continual.loop", "main", "ERNIE 2.0 continual multi-task pre-training (seed 004)"),
+    ("train", "federated"): ("trainer.federated.run", "main", "shared encoder across private nodes, async count-weighted (Flower)"),
     ("demo",): ("trainer.demo", "main", "the whole path on real data: teacher, capture, student, report"),
 }
 

@@ -95,27 +95,35 @@ def _valid_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pa
     return mask
 
 
+def transformer_encoder(config: ClassifierConfig) -> nn.Module:
+    """The project's transformer encoder: a ``transformers.BertModel`` (no pooler) sized by
+    ``config`` (``d_model``, ``n_layers``, ``n_heads``, ``d_ff``, ``max_len``, ``dropout``).
+    ``encoder(input_ids [B, T], attention_mask [B, T] or [B, 1, T, T] bool).last_hidden_state``
+    is ``[B, T, d_model]``; the 4-D mask form gives e.g. causal attention."""
+    from transformers import BertConfig, BertModel  # noqa: PLC0415 - import cost
+
+    bert_cfg = BertConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        intermediate_size=config.d_ff,
+        max_position_embeddings=config.max_len,
+        hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.dropout,
+        pad_token_id=config.pad_id,
+        type_vocab_size=1,
+    )
+    return BertModel(bert_cfg, add_pooling_layer=False)
+
+
 class TransformerClassifier(nn.Module):
-    """BERT-style encoder (``transformers.BertModel``, no pooler) + masked mean pooling + head."""
+    """BERT-style encoder (:func:`transformer_encoder`) + masked mean pooling + head."""
 
     def __init__(self, *, config: ClassifierConfig) -> None:
         super().__init__()
-        from transformers import BertConfig, BertModel  # noqa: PLC0415 - import cost
-
         self.config = config
-        bert_cfg = BertConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.d_model,
-            num_hidden_layers=config.n_layers,
-            num_attention_heads=config.n_heads,
-            intermediate_size=config.d_ff,
-            max_position_embeddings=config.max_len,
-            hidden_dropout_prob=config.dropout,
-            attention_probs_dropout_prob=config.dropout,
-            pad_token_id=config.pad_id,
-            type_vocab_size=1,
-        )
-        self.encoder = BertModel(bert_cfg, add_pooling_layer=False)
+        self.encoder = transformer_encoder(config)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.d_model, config.num_classes)
 
