@@ -55,6 +55,7 @@ class TrainConfig:
     temperature: float = 1.0  # student (and online teacher) temperature; KD term scaled by T^2
     tail_bucket: bool = True  # sparse KL over kept entries + a (k+1)-th bucket for the tail mass
     loss_chunk: int = 0  # positions per loss chunk (bounds fp32 [N, V] memory); 0 = one chunk
+    fused_head: bool = False  # store KD: LM head + CE + KD fused per chunk of loss_chunk (default 1024) positions, never [N, V] logits
     online_teacher: str = ""  # HF model dir run every step (full-vocabulary KL baseline)
 
     # -- optimisation ----------------------------------------------------------------------
