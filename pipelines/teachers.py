@@ -406,6 +406,7 @@ class TeacherModel:
         self._forward = forward
         self.pad_id = pad_id
         self.max_positions = max_positions
+        self.split: tuple | None = None  # (decoder, LM head) of a causal LM: see split_head
 
     @property
     def device(self):
@@ -414,13 +415,58 @@ class TeacherModel:
     def logits(self, input_ids, attention_mask):
         return self._forward(self.module, input_ids, attention_mask)
 
+    def position_rows(self, input_ids, attention_mask):
+        """Token level: ``(rows [P, *], head)`` over the real positions (window by window):
+        the decoder's hidden states ``[P, H]`` and the LM head when the model separates
+        them (:func:`split_head`), else the logits ``[P, V]`` and None."""
+        real = attention_mask.bool()
+        if self.split is not None:
+            decoder, head = self.split
+            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[real], head
+        return self.logits(input_ids, attention_mask)[real], None
+
     @classmethod
-    def of_hf(cls, model: Any) -> "TeacherModel":
-        """Wrap a loaded Hugging Face model (causal LM or sequence classifier)."""
+    def of_hf(cls, model: Any, *, level: str = "token") -> "TeacherModel":
+        """Wrap a loaded Hugging Face model (causal LM at ``level="token"``, sequence
+        classifier at ``"sequence"``)."""
         pad = getattr(model.config, "pad_token_id", None)
         limit = getattr(model.config, "max_position_embeddings", None)
-        return cls(module=model, forward=_hf_logits, pad_id=None if pad is None else int(pad),
-                   max_positions=int(limit) if limit else None)
+        out = cls(module=model, forward=_hf_logits, pad_id=None if pad is None else int(pad),
+                  max_positions=int(limit) if limit else None)
+        if level == "token":
+            import torch  # noqa: PLC0415
+
+            out.split = split_head(model, torch)
+        return out
+
+
+def split_head(model: Any, torch: Any) -> tuple | None:
+    """``(decoder, head)`` of a causal LM when ``head(decoder(x).last_hidden_state)``
+    reproduces ``model(x).logits``, else None (the capture then keeps full-logit forwards).
+
+    Checked on a probe batch at load: models that post-process logits (Gemma 2's soft-
+    capping, logit scales, remote code) fail the check and keep the exact full forward.
+    """
+    get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_dec is None or get_head is None:
+        return None
+    try:
+        decoder, head = get_dec(), get_head()
+        if decoder is None or head is None or decoder is model or getattr(head, "weight", None) is None:
+            return None
+        device = next(model.parameters()).device
+        vocab = int(head.weight.shape[0])
+        probe = torch.arange(16, device=device).remainder(max(1, vocab)).reshape(2, 8)
+        with torch.inference_mode():
+            want = model(input_ids=probe).logits.float()
+            got = head(decoder(input_ids=probe).last_hidden_state).float()
+        if got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-3):
+            return decoder, head
+    except Exception as exc:  # noqa: BLE001 - any surprise means: use the exact full forward
+        _LOG.info("teacher LM head not separable (%s); capture uses full-logit forwards", exc)
+        return None
+    _LOG.info("teacher logits are not head(hidden states); capture uses full-logit forwards")
+    return None
 
 
 def _hf_logits(module, input_ids, attention_mask):
@@ -488,4 +534,4 @@ class TeacherSpec:
 
         cls = AutoModelForSequenceClassification if self.level == "sequence" else AutoModelForCausalLM
         model = cls.from_pretrained(model_dir, dtype=self.resolved_dtype(), trust_remote_code=self.trust_remote_code)
-        return TeacherModel.of_hf(model.to(self.resolved_device()).eval())
+        return TeacherModel.of_hf(model.to(self.resolved_device()).eval(), level=self.level)
