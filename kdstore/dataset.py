@@ -87,6 +87,15 @@ class SoftLabelDataset(IterableDataset):
       entries of a position are in ascending index order (the top entry is ``kd_probs.argmax(-1)``)
     - ``sample_id`` list of B str, ``window`` ``[B]`` long, ``batch_index`` int
 
+    With ``pack=True`` (token level) the same B rows are packed, whole, into S <= B
+    sequences of length T (first-fit decreasing, :func:`pack_rows`): every tensor above is
+    ``[S, T(, K)]`` instead of ``[B, T(, K)]``, ``attention_mask`` is replaced by
+    ``position_ids`` ``[S, T]`` (restarting at 0 at each row: pass them to a Hugging Face
+    model *without* an attention mask and it masks attention per row), ``valid_mask`` ``[S,
+    T]`` bool marks real positions and ``doc_index`` ``[S, T]`` long the batch row of each
+    position (-1 in padding). The rows of a batch, hence order, resume and losses, do not
+    change; only the padding does.
+
     Sequence-level stores give ``kd_indices``/``kd_probs`` ``[B, K]``, ``kd_tail`` and ``kd_counts`` ``[B]``, and
     ``labels`` ``[B]`` (-100 where the store has no label).
     """
@@ -103,6 +112,7 @@ class SoftLabelDataset(IterableDataset):
         world_size: int | None = None,
         drop_last: bool = False,
         remap: TargetRemap | None = None,
+        pack: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -115,6 +125,7 @@ class SoftLabelDataset(IterableDataset):
         self.rank, self.world_size = _dist_defaults(rank, world_size)
         self.drop_last = drop_last
         self.remap = remap
+        self.pack = pack
         self.epoch = 0
         self.start_batch = 0
         self._shard_rows = [s.rows for s in self.store.shards]
@@ -254,39 +265,90 @@ class SoftLabelDataset(IterableDataset):
         T = int(lengths.max()) if R else 0
         pos_row = np.repeat(np.arange(R), lengths)
         pos_t = np.arange(P) - d.positions[pos_row]
-        ids = np.zeros((R, T), dtype=np.int64)
-        ids[pos_row, pos_t] = input_ids
-        mask = np.zeros((R, T), dtype=bool)
-        mask[pos_row, pos_t] = True
-        labels = np.full((R, T), IGNORE_INDEX, dtype=np.int64)
-        if T > 1:
-            labels[:, :-1] = np.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX)
-        kd_mask = mask & (np.arange(T)[None, :] >= d.context_len[:, None])
-        labels[~kd_mask] = IGNORE_INDEX
-        full = P == R * T  # every row has T positions: no padding, reshape instead of scatter
+        # Per position (flat, P): the next token of the same row as label, -100 at a row's
+        # last position and in overlap context; then laid out as [rows, T] or packed.
+        kd_flat = pos_t >= d.context_len[pos_row]
+        nxt = np.full(P, IGNORE_INDEX, dtype=np.int64)
+        has_next = pos_t + 1 < lengths[pos_row]
+        nxt[:-1] = np.where(has_next[:-1], input_ids[1:], IGNORE_INDEX) if P else nxt[:-1]
+        label_flat = np.where(kd_flat, nxt, IGNORE_INDEX)
+        if self.pack and R:
+            seq_of_row, start_of_row, S = pack_rows(lengths, T)
+            seq, col = seq_of_row[pos_row], start_of_row[pos_row] + pos_t
+        else:
+            seq, col, S = pos_row, pos_t, R
+        ids = np.zeros((S, T), dtype=np.int64)
+        ids[seq, col] = input_ids
+        mask = np.zeros((S, T), dtype=bool)
+        mask[seq, col] = True
+        labels = np.full((S, T), IGNORE_INDEX, dtype=np.int64)
+        labels[seq, col] = label_flat
+        kd_mask = np.zeros((S, T), dtype=bool)
+        kd_mask[seq, col] = kd_flat
+        full = not self.pack and P == R * T  # every row has T positions: reshape instead of scatter
         if fixed and full:
             kd_idx, kd_p = indices_pk.reshape(R, T, K), probs_pk.reshape(R, T, K)
         elif fixed:
-            kd_idx = np.zeros((R, T, K), dtype=np.int64)
-            kd_p = np.zeros((R, T, K), dtype=np.float32)
-            kd_idx[pos_row, pos_t] = indices_pk
-            kd_p[pos_row, pos_t] = probs_pk
+            kd_idx = np.zeros((S, T, K), dtype=np.int64)
+            kd_p = np.zeros((S, T, K), dtype=np.float32)
+            kd_idx[seq, col] = indices_pk
+            kd_p[seq, col] = probs_pk
         else:
-            kd_idx = np.zeros((R, T, K), dtype=np.int64)
-            kd_p = np.zeros((R, T, K), dtype=np.float32)
-            r_e, t_e = pos_row[ent_pos], pos_t[ent_pos]
+            kd_idx = np.zeros((S, T, K), dtype=np.int64)
+            kd_p = np.zeros((S, T, K), dtype=np.float32)
+            r_e, t_e = seq[ent_pos], col[ent_pos]
             kd_idx[r_e, t_e, slot] = indices
             kd_p[r_e, t_e, slot] = probs
-        kd_tail = np.zeros((R, T), dtype=np.float32)
-        kd_tail[pos_row, pos_t] = tail
-        kd_counts = np.zeros((R, T), dtype=np.int64)
-        kd_counts[pos_row, pos_t] = counts
+        kd_tail = np.zeros((S, T), dtype=np.float32)
+        kd_tail[seq, col] = tail
+        kd_counts = np.zeros((S, T), dtype=np.int64)
+        kd_counts[seq, col] = counts
         out.update(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=torch.from_numpy(labels),
+            input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels),
             kd_indices=torch.from_numpy(kd_idx), kd_probs=torch.from_numpy(kd_p), kd_tail=torch.from_numpy(kd_tail),
             kd_mask=torch.from_numpy(kd_mask), kd_counts=torch.from_numpy(kd_counts),
         )
+        if self.pack:
+            # Document masking: position ids restart at every row (and in the padding after
+            # the last one); with no attention_mask, transformers builds a block-diagonal
+            # causal mask from them, so no token attends across rows.
+            position_ids = np.arange(T, dtype=np.int64)[None, :].repeat(S, 0)
+            fill = np.bincount(seq, minlength=S) if R else np.zeros(S, np.int64)
+            position_ids -= np.where(np.arange(T)[None, :] >= fill[:, None], fill[:, None], 0)
+            position_ids[seq, col] = pos_t
+            doc = np.full((S, T), -1, dtype=np.int64)
+            doc[seq, col] = pos_row
+            out.update(position_ids=torch.from_numpy(position_ids), doc_index=torch.from_numpy(doc),
+                       valid_mask=torch.from_numpy(mask))
+        else:
+            out["attention_mask"] = torch.from_numpy(mask)
         return out
+
+
+def pack_rows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """First-fit decreasing packing of rows of ``lengths [R]`` into sequences of ``capacity``.
+
+    Returns ``(seq [R], start [R], S)``: row r occupies positions ``start[r] ..
+    start[r] + lengths[r] - 1`` of sequence ``seq[r]`` of ``S``. Deterministic (ties by row
+    order), every row whole; rows longer than ``capacity`` are an error.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int(lengths.max()) > capacity:
+        raise ValueError(f"a row of {int(lengths.max())} positions does not fit in a sequence of {capacity}")
+    seq = np.zeros(len(lengths), dtype=np.int64)
+    start = np.zeros(len(lengths), dtype=np.int64)
+    fill: list[int] = []
+    for r in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[r])
+        for b, f in enumerate(fill):
+            if f + n <= capacity:
+                seq[r], start[r] = b, f
+                fill[b] += n
+                break
+        else:
+            seq[r], start[r] = len(fill), 0
+            fill.append(n)
+    return seq, start, len(fill)
 
 
 class _ShardPrefetcher:

@@ -40,6 +40,7 @@ class TrainConfig:
     align: str = ""  # vocabulary alignment file (kdstore.align.VocabAlignment) when the student's vocab differs
     seq_len: int = 128  # tokens per training window for text sources (the store defines its own)
     shuffle_block: int = 4  # store shards shuffled together
+    pack: bool = True  # store batches: pack each batch's rows into fewer sequences (document-masked; same rows, less padding)
     num_workers: int = 0  # DataLoader workers for the store
     record_samples: bool = False  # write sample_id:window of every batch row to samples-rank<r>.txt (audit)
 

@@ -46,7 +46,7 @@ class TrainData:
                       f"student uses temperature={cfg.temperature} (set temperature={sel.temperature} to match)",
                       file=sys.stderr)
             ds = SoftLabelDataset(store, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, shuffle_block=cfg.shuffle_block,
-                                  rank=dist.rank, world_size=dist.world_size, remap=remap)
+                                  rank=dist.rank, world_size=dist.world_size, remap=remap, pack=cfg.pack)
             loader = StoreLoader(ds, num_workers=cfg.num_workers)
             tok = load_tokenizer(cfg.tokenizer or store.manifest.teacher.name_or_path, required=bool(cfg.tokenizer))
             mode = sel.mode + (f" k={sel.k}" if sel.mode == "topk" else f" p={sel.p}" if sel.mode == "top_p" else f" n={sel.samples}")
