@@ -97,3 +97,15 @@ def test_packed_forward_equals_the_unpacked_one_at_every_position(store):
         got = lb[b["doc_index"] == r]
         want = la[r][a["attention_mask"][r].bool()]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 128), min_size=1, max_size=40))
+def test_plan_packing_is_never_worse_than_packing_at_the_longest_row(lengths):
+    from kdstore.dataset import plan_packing
+
+    seq, start, S, L = plan_packing(np.array(lengths))
+    T = max(lengths)
+    assert T <= L <= 2 * T
+    assert all(start[r] + n <= L for r, n in enumerate(lengths))
+    assert S * L <= pack_rows(np.array(lengths), T)[2] * T
