@@ -201,12 +201,14 @@ class SoftLabelDataset(IterableDataset):
         mine = (b >= first) & (b < n_batches) & ((b - first) % step == 0)
         n = (b[mine] - first) // step  # ordinal of the batch among this worker's
         shard = np.searchsorted(self._offsets, rows[mine], side="right") - 1
-        # First and last ordinal per shard: sort by (shard, ordinal).
-        o = np.lexsort((n, shard))
-        shard, n = shard[o], n[o]
-        starts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]])
-        ends = np.r_[starts[1:], len(shard)] - 1
-        used, first_n, last_n = shard[starts], n[starts], n[ends]
+        # First and last ordinal per shard (n is non-decreasing along the rows).
+        k = len(self._shard_rows)
+        first_n = np.full(k, np.iinfo(np.int64).max, dtype=np.int64)
+        last_n = np.full(k, -1, dtype=np.int64)
+        np.minimum.at(first_n, shard, n)
+        np.maximum.at(last_n, shard, n)
+        used = np.flatnonzero(last_n >= 0)
+        first_n, last_n = first_n[used], last_n[used]
         order = used[np.lexsort((used, first_n))]
         return order.tolist(), dict(zip(used.tolist(), last_n.tolist()))
 
