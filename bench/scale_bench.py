@@ -19,6 +19,8 @@ Sections (each writes its part of docs/benchmarks.md; ``all`` runs every one):
   injective map (seed 0), stored at k = 32: bytes per kept entry with 18-bit ids.
 * ``store``: a synthetic store (labelled so) of 10,000 shards and 10,000,000 rows: open
   time, manifest size, verify time (threads), resume scan time, first batch time.
+* ``long``: samples of 8k, 32k and 128k tokens windowed with stride: time, and every
+  token's byte span checked against its bytes.
 
     python bench/scale_bench.py all
     python bench/scale_bench.py capture --tokens 4096     # smaller smoke run (not recorded)
@@ -222,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_arm":
         return arm_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("section", choices=["capture", "loss", "bytes", "store", "all"])
+    ap.add_argument("section", choices=["capture", "loss", "bytes", "store", "long", "all"])
+    ap.add_argument("--max-length", type=int, default=512, help="long: window length")
+    ap.add_argument("--stride", type=int, default=384, help="long: window stride")
     ap.add_argument("--tokens", type=int, default=16384, help="capture: tokens per batch")
     ap.add_argument("--layers", type=int, default=2, help="capture: decoder layers of the Qwen-shaped teacher")
     ap.add_argument("--k", type=int, default=32)
@@ -235,11 +239,62 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-record", dest="record", action="store_false", help="do not write docs/benchmarks.md")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "scale_bench"))
     a = ap.parse_args(argv)
-    sections = ["capture", "loss", "bytes", "store"] if a.section == "all" else [a.section]
+    sections = ["capture", "loss", "bytes", "store", "long"] if a.section == "all" else [a.section]
     for s in sections:
         print(f"== {s}", flush=True)
-        {"capture": run_capture, "loss": run_loss, "bytes": run_bytes, "store": run_store}[s](a)
+        {"capture": run_capture, "loss": run_loss, "bytes": run_bytes, "store": run_store, "long": run_long}[s](a)
     return 0
+
+
+def run_long(a) -> None:
+    """Long documents: tokenize + window samples of 8k-128k tokens with stride; check offsets."""
+    import numpy as np
+
+    from kdstore.hashing import sample_id
+    from kdstore.textio import Record
+    from pipelines.teacher import byte_len_of_id, load_tokenizer, vocabulary
+    from pipelines.windows import WindowSpec, backend_tokenizer, make_windows, tokenize_batch
+    from trainer.data.corpora import peoples_daily
+    from trainer.lm.reference import reference_tokenizer, default_cache_dir
+
+    hf = load_tokenizer(str(reference_tokenizer(cache_dir=default_cache_dir())))
+    vocab = vocabulary(hf)
+    tb, special, blen = vocab.column("bytes").to_pylist(), vocab.column("special").to_pylist(), byte_len_of_id(vocab)
+    tok = backend_tokenizer(hf)
+    lines = [s.text for s in peoples_daily("train")]
+    rows = []
+    for target in (8192, 32768, 131072):
+        doc, n_lines = "", 0
+        while len(tok.encode(doc).ids) < target:
+            n_lines += max(1, target // 40)
+            doc = "\n".join(lines[:n_lines])
+        t0 = time.perf_counter()
+        (ids,), (spans,) = tokenize_batch(tok, [doc], offsets=True)
+        t_tok = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        wins = make_windows(Record(text=doc, sample_id=sample_id(doc), source="doc"), ids, spans,
+                            WindowSpec(max_length=a.max_length, stride=a.stride), byte_len=blen)
+        t_win = time.perf_counter() - t0
+        exact = total = 0
+        for w in wins:
+            text = w.text.encode("utf-8")
+            for t, x, y in zip(w.input_ids.tolist(), w.byte_start.tolist(), w.byte_end.tolist()):
+                if not special[t]:
+                    total += 1
+                    exact += text[x:y] == tb[t]
+        tiled = np.concatenate([w.input_ids[w.context_len:] for w in wins]).tolist() == ids
+        rows.append([f"{len(ids):,}", f"{len(doc.encode()):,}", len(wins), f"{t_tok * 1000:.0f}", f"{t_win * 1000:.0f}",
+                     f"{exact}/{total}", "yes" if tiled else "NO"])
+    table = markdown_table(["tokens", "bytes", f"windows ({a.max_length}, stride {a.stride})", "tokenize ms",
+                            "window + offsets ms", "tokens whose span holds their bytes", "targets tile the sample"], rows)
+    print(table)
+    if a.record:
+        body = (f"People's Daily train lines joined into one sample each, the reference teacher's byte-level BPE "
+                f"(4,032), `--max-length {a.max_length} --stride {a.stride}`: windows of at most {a.max_length} tokens "
+                f"every {a.stride}, each with its character-aligned text and the UTF-8 byte offsets of its tokens in "
+                f"it.\n\n{table}")
+        write_section("scale-long", "Long documents: windows with stride, exact byte offsets", body,
+                      command=f"python bench/scale_bench.py long --max-length {a.max_length} --stride {a.stride}")
 
 
 def run_bytes(a) -> None:
