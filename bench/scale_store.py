@@ -30,7 +30,7 @@ def bytes_per_entry_study(a) -> None:
     from bench.store_bench import _soft_label_bytes, real_teacher, store_kl, write_kdstore
     from kdstore.hashing import token_hashes
 
-    t = real_teacher(32_768, train=False, kmax=a.k, progress=False)
+    t = real_teacher(32_768, train=False, progress=False)
     if t is None:
         print("bytes: the reference teacher is not cached (trainer.lm.reference.reference_teacher()); skipped")
         return
@@ -44,7 +44,8 @@ def bytes_per_entry_study(a) -> None:
         entries = store.manifest.totals["entries"]
         total = sum(s.bytes for s in store.shards)
         kl = float(np.mean(store_kl(tv, a.k, store)))
-        rows.append([label, f"{total / entries:.3f}", f"{_soft_label_bytes(work / f'v{vocab}') / entries:.3f}",
+        soft = sum(_soft_label_bytes(store.shard_path(sh)) for sh in store.shards)
+        rows.append([label, f"{total / entries:.3f}", f"{soft / entries:.3f}",
                      f"{total / store.manifest.totals['tokens']:.1f}", f"{kl:.2e}"])
     table = markdown_table(["ids", "B per kept entry (whole shard)", "B per kept entry (soft-label columns)",
                             "B per position", "KL to teacher (nats/position)"], rows)
