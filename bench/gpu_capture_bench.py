@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench._report import markdown_table, write_section
     from kdstore.format import Selection
     from pipelines.inference import BatchSpec, TeacherRunner
-    from pipelines.teacher import TeacherSpec
+    from pipelines.teachers import TeacherSpec
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=V, hidden_size=896, intermediate_size=4864, num_hidden_layers=a.layers,
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = TeacherRunner(teacher=TeacherSpec(path=str(model_dir), device="cuda", dtype="bfloat16"),
                            selection=Selection(mode="topk", k=a.k),
                            batch=BatchSpec(micro_batch_tokens=a.tokens, pad_multiple=64))
-    model = runner.model
+    model = runner.model.module
     rng = np.random.default_rng(0)
     batches = [[rng.integers(0, 150_000, a.window) for _ in range(a.tokens // a.window)] for _ in range(a.batches + 1)]
 

@@ -83,7 +83,7 @@ def _arm_capture(mode: str, model_dir: str, tokens: int, k: int, threads: int) -
     torch.set_num_threads(threads)
     from kdstore.format import Selection
     from pipelines.inference import BatchSpec, TeacherRunner
-    from pipelines.teacher import TeacherSpec
+    from pipelines.teachers import TeacherSpec
 
     rng = np.random.default_rng(0)
     win = 512
@@ -95,12 +95,12 @@ def _arm_capture(mode: str, model_dir: str, tokens: int, k: int, threads: int) -
     if mode == "runner":
         runner.infer(ids, list(range(len(ids))))
     elif mode == "runner-full":
-        runner._decoder = runner._head = None  # the pre-chunking capture: full logits per micro-batch
+        runner.model.split = None  # the pre-chunking capture: full logits per micro-batch
         runner.infer(ids, list(range(len(ids))))
     elif mode == "hf-full":  # the plain loop: one full-logit forward of the batch, then top-k
         with torch.inference_mode():
             x = torch.from_numpy(np.stack(ids))
-            logits = runner.model(input_ids=x).logits.reshape(-1, V)  # [tokens, V] fp32, whole
+            logits = runner.model.module(input_ids=x).logits.reshape(-1, V)  # [tokens, V] fp32, whole
             for r0 in range(0, logits.shape[0], 1024):  # the selection itself in row chunks
                 c = logits[r0:r0 + 1024]
                 torch.topk(c, k, dim=-1).values - torch.logsumexp(c, -1, keepdim=True)
@@ -252,7 +252,7 @@ def run_long(a) -> None:
 
     from kdstore.hashing import sample_id
     from kdstore.textio import Record
-    from pipelines.teacher import byte_len_of_id, load_tokenizer, vocabulary
+    from pipelines.teachers import byte_len_of_id, load_tokenizer, vocabulary
     from pipelines.windows import WindowSpec, backend_tokenizer, make_windows, tokenize_batch
     from trainer.data.corpora import peoples_daily
     from trainer.lm.reference import reference_tokenizer, default_cache_dir

@@ -7,7 +7,7 @@ import pytest
 
 from kdstore.hashing import sample_id
 from kdstore.textio import Record
-from pipelines.teacher import byte_len_of_id, load_tokenizer, vocabulary
+from pipelines.teachers import byte_len_of_id, load_tokenizer, vocabulary
 from pipelines.windows import WindowSpec, backend_tokenizer, make_windows, tokenize_batch
 from trainer.data.corpora import peoples_daily
 from trainer.data.tokenizers import train_tokenizer
