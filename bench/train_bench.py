@@ -289,36 +289,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _args(argv)
+def _packing_main(stores: dict[str, dict], teacher_dir: Path, work: Path, args) -> int:
+    """``--only-packing``: the padded-vs-packed study alone, in its own section."""
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from trainer.lm.models import load_causal_lm
-    from trainer.lm.reference import default_cache_dir, reference_info, reference_teacher
-
-    t_all = time.perf_counter()
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    if args.teacher:
-        teacher_dir = Path(args.teacher)
-        teacher = {"recipe": {"model": teacher_dir.name}, "parameters": sum(
-            p.numel() for p in load_causal_lm(teacher_dir).parameters()), "eval_ppl": float("nan")}
-    else:
-        teacher_dir = reference_teacher(cache_dir=cache, threads=args.threads)
-        teacher = reference_info(teacher_dir)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    stores = capture(teacher_dir, work / "stores", docs=args.docs, samples=args.samples, samples_small=args.samples_small,
-                     p=args.p, max_k=args.max_k, max_length=args.max_length, threads=args.threads)
-    capture_s = next(iter(stores.values()))["capture_wall_seconds"]  # when the stores were made (maybe an earlier run)
-    if args.only_packing:
-        if args.quick:
-            args.pack_steps, args.pack_reps = 10, 1
-        table, res = packing_study(stores["topk32"]["uri"], teacher_dir, work, args)
-        print("\n" + table)
-        if not args.quick:
-            write_section("train-packing", "Student batches: padded vs packed (document masking)", f"""
+    if args.quick:
+        args.pack_steps, args.pack_reps = 10, 1
+    table, res = packing_study(stores["topk32"]["uri"], teacher_dir, work, args)
+    print("\n" + table)
+    if not args.quick:
+        write_section("train-packing", "Student batches: padded vs packed (document masking)", f"""
 Cached top-32 KD (store as in the section above: the first {args.docs} People's Daily train documents, windows of up to
 {args.max_length} tokens), `{args.student}`, batch {args.batch_size} rows, {args.pack_steps} steps per run, seed 0,
 precision {args.precision}, threads {torch.get_num_threads()}; {args.pack_reps} alternating runs per arm (step time: median
@@ -331,7 +311,38 @@ their order and the losses are those of the padded batches.
 Target: at most 10 % padding positions (packed: **{res['padding'][True]:.1%}**, padded: {res['padding'][False]:.1%});
 step speed-up from packing: **{res['speedup']:.2f}x**.
 """)
-        return 0
+    return 0
+
+
+def _teacher(args) -> tuple[Path, dict]:
+    """The teacher's directory and description: ``--teacher``, or the cached reference teacher."""
+    from trainer.lm.models import load_causal_lm
+    from trainer.lm.reference import default_cache_dir, reference_info, reference_teacher
+
+    if args.teacher:
+        teacher_dir = Path(args.teacher)
+        return teacher_dir, {"recipe": {"model": teacher_dir.name}, "parameters": sum(
+            p.numel() for p in load_causal_lm(teacher_dir).parameters()), "eval_ppl": float("nan")}
+    teacher_dir = reference_teacher(cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+                                    threads=args.threads)
+    return teacher_dir, reference_info(teacher_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
+    teacher_dir, teacher = _teacher(args)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    stores = capture(teacher_dir, work / "stores", docs=args.docs, samples=args.samples, samples_small=args.samples_small,
+                     p=args.p, max_k=args.max_k, max_length=args.max_length, threads=args.threads)
+    capture_s = next(iter(stores.values()))["capture_wall_seconds"]  # when the stores were made (maybe an earlier run)
+    if args.only_packing:
+        return _packing_main(stores, teacher_dir, work, args)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     results = run_arms(arms, stores, teacher_dir, work, args)
     sweep = step_time_sweep([t for t in args.sweep.split(",") if t], stores["topk32"]["uri"], teacher_dir, work, args)

@@ -236,6 +236,29 @@ class SoftLabelDataset(IterableDataset):
         return raw
 
     # -- collation ---------------------------------------------------------------------
+    def _layout(self, d: DecodedRows, input_ids: np.ndarray):
+        """Where each of the P positions goes: ``(pos_row, pos_t, seq, col, S, T)`` (its row,
+        its index in the row, and its place in the ``[S, T]`` batch: padded rows, or packed
+        sequences), plus per position whether it has a target and its next-token label."""
+        R, P = d.num_rows, len(d.counts)
+        lengths = np.diff(d.positions)
+        T = int(lengths.max()) if R else 0
+        pos_row = np.repeat(np.arange(R), lengths)
+        pos_t = np.arange(P) - d.positions[pos_row]
+        # Per position (flat, P): the next token of the same row as label, -100 at a row's
+        # last position and in overlap context; then laid out as [rows, T] or packed.
+        kd_flat = pos_t >= d.context_len[pos_row]
+        nxt = np.full(P, IGNORE_INDEX, dtype=np.int64)
+        has_next = pos_t + 1 < lengths[pos_row]
+        nxt[:-1] = np.where(has_next[:-1], input_ids[1:], IGNORE_INDEX) if P else nxt[:-1]
+        label_flat = np.where(kd_flat, nxt, IGNORE_INDEX)
+        if self.pack and R:
+            seq_of_row, start_of_row, S, T = plan_packing(lengths)
+            seq, col = seq_of_row[pos_row], start_of_row[pos_row] + pos_t
+        else:
+            seq, col, S = pos_row, pos_t, R
+        return pos_row, pos_t, seq, col, S, T, kd_flat, label_flat
+
     def collate(self, d: DecodedRows) -> dict[str, Any]:
         """Decoded rows -> padded tensors (see the class docstring)."""
         indices, probs, counts, tail = d.indices, d.probs, d.counts, d.tail
@@ -272,22 +295,7 @@ class SoftLabelDataset(IterableDataset):
                        kd_tail=torch.from_numpy(tail.astype(np.float32)), labels=torch.from_numpy(labels),
                        kd_counts=torch.from_numpy(counts.astype(np.int64)))
             return out
-        lengths = np.diff(d.positions)
-        T = int(lengths.max()) if R else 0
-        pos_row = np.repeat(np.arange(R), lengths)
-        pos_t = np.arange(P) - d.positions[pos_row]
-        # Per position (flat, P): the next token of the same row as label, -100 at a row's
-        # last position and in overlap context; then laid out as [rows, T] or packed.
-        kd_flat = pos_t >= d.context_len[pos_row]
-        nxt = np.full(P, IGNORE_INDEX, dtype=np.int64)
-        has_next = pos_t + 1 < lengths[pos_row]
-        nxt[:-1] = np.where(has_next[:-1], input_ids[1:], IGNORE_INDEX) if P else nxt[:-1]
-        label_flat = np.where(kd_flat, nxt, IGNORE_INDEX)
-        if self.pack and R:
-            seq_of_row, start_of_row, S, T = plan_packing(lengths)
-            seq, col = seq_of_row[pos_row], start_of_row[pos_row] + pos_t
-        else:
-            seq, col, S = pos_row, pos_t, R
+        pos_row, pos_t, seq, col, S, T, kd_flat, label_flat = self._layout(d, input_ids)
         ids = np.zeros((S, T), dtype=np.int64)
         ids[seq, col] = input_ids
         mask = np.zeros((S, T), dtype=bool)
@@ -320,20 +328,24 @@ class SoftLabelDataset(IterableDataset):
             kd_mask=torch.from_numpy(kd_mask), kd_counts=torch.from_numpy(kd_counts),
         )
         if self.pack:
-            # Document masking: position ids restart at every row (and in the padding after
-            # the last one); with no attention_mask, transformers builds a block-diagonal
-            # causal mask from them, so no token attends across rows.
-            position_ids = np.arange(T, dtype=np.int64)[None, :].repeat(S, 0)
-            fill = np.bincount(seq, minlength=S) if R else np.zeros(S, np.int64)
-            position_ids -= np.where(np.arange(T)[None, :] >= fill[:, None], fill[:, None], 0)
-            position_ids[seq, col] = pos_t
-            doc = np.full((S, T), -1, dtype=np.int64)
-            doc[seq, col] = pos_row
-            out.update(position_ids=torch.from_numpy(position_ids), doc_index=torch.from_numpy(doc),
-                       valid_mask=torch.from_numpy(mask))
+            out.update(_packing_tensors(seq, col, pos_row, pos_t, S, T, mask))
         else:
             out["attention_mask"] = torch.from_numpy(mask)
         return out
+
+
+def _packing_tensors(seq, col, pos_row, pos_t, S: int, T: int, mask: np.ndarray) -> dict[str, torch.Tensor]:
+    """Document masking of a packed batch: position ids restart at every row (and in the
+    padding after the last one); with no attention_mask, transformers builds a
+    block-diagonal causal mask from them, so no token attends across rows."""
+    position_ids = np.arange(T, dtype=np.int64)[None, :].repeat(S, 0)
+    fill = np.bincount(seq, minlength=S) if len(seq) else np.zeros(S, np.int64)
+    position_ids -= np.where(np.arange(T)[None, :] >= fill[:, None], fill[:, None], 0)
+    position_ids[seq, col] = pos_t
+    doc = np.full((S, T), -1, dtype=np.int64)
+    doc[seq, col] = pos_row
+    return {"position_ids": torch.from_numpy(position_ids), "doc_index": torch.from_numpy(doc),
+            "valid_mask": torch.from_numpy(mask)}
 
 
 def pack_rows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:

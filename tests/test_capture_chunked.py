@@ -10,7 +10,8 @@ import torch
 from fixtures import make_tiny_causal_lm, train_bpe_tokenizer
 from kdstore.format import Selection
 from pipelines.inference import BatchSpec, TeacherRunner
-from pipelines.teachers import TeacherSpec, split_head
+from pipelines.teacher_model import split_head
+from pipelines.teachers import TeacherSpec
 from trainer.data.corpora import peoples_daily
 
 
