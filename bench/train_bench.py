@@ -144,6 +144,51 @@ def step_time_sweep(presets: list[str], store_uri: str, teacher_dir: Path, work:
     return rows
 
 
+def padding_share(store_uri: str, *, batch_size: int, pack: bool) -> float:
+    """Share of padding positions in one epoch of store batches (padded or packed)."""
+    from kdstore.dataset import SoftLabelDataset
+
+    real = total = 0
+    for b in SoftLabelDataset(store_uri, batch_size=batch_size, seed=0, pack=pack):
+        m = b["valid_mask"] if pack else b["attention_mask"]
+        real, total = real + int(m.sum()), total + m.numel()
+    return 1 - real / max(1, total)
+
+
+def _median_tokens_per_s(runs: list[dict]) -> float:
+    vals = sorted(h["tokens_per_s"] for r in runs for h in r.get("history", []) if h.get("event") == "train")
+    return vals[len(vals) // 2] if vals else math.nan
+
+
+def packing_study(store_uri: str, teacher_dir: Path, work: Path, args) -> tuple[str, dict]:
+    """Cached top-32 KD with padded vs packed batches: same rows and steps, alternating runs."""
+    from trainer.core.config import TrainConfig
+    from trainer.lm.student import train
+
+    common = dict(model=args.student, store=store_uri, max_steps=args.pack_steps, batch_size=args.batch_size, lr=args.lr,
+                  lr_embed_mult=args.lr_embed_mult, warmup_steps=max(1, args.pack_steps // 10), seed=0,
+                  precision=args.precision, threads=args.threads, eval_data="peoples_daily:validation",
+                  tokenizer=str(teacher_dir), eval_every=0, log_every=10, progress=not args.no_progress, plots=False,
+                  save_model=False, keep_checkpoints=1, save_every=0, kd_weight=args.kd_weight)
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for rep in range(args.pack_reps):
+        for pack in (False, True):
+            print(f"\n=== packing study: pack={pack}, run {rep + 1}/{args.pack_reps} ===", flush=True)
+            runs[pack].append(train(TrainConfig(**{**common, "pack": pack,
+                                                   "out_dir": str(work / "runs" / f"pack{int(pack)}-{rep}")})))
+    pad = {pack: padding_share(store_uri, batch_size=args.batch_size, pack=pack) for pack in (False, True)}
+    med = {pack: sorted(r["step_time_median"] for r in rs)[len(rs) // 2] for pack, rs in runs.items()}
+    rows = []
+    for pack in (False, True):
+        r = runs[pack][0]
+        rows.append(["packed (document-masked)" if pack else "padded to the longest row", f"{pad[pack]:.1%}",
+                     med[pack] * 1000, f"{_median_tokens_per_s(runs[pack]):,.0f}",
+                     f"{med[False] / med[pack]:.2f}x", r["eval_ce"]])
+    table = markdown_table(["batches", "padding positions", "step ms (median of runs)", "target tokens/s",
+                            "speed vs padded", "held-out CE"], rows)
+    return table, {"padding": pad, "speedup": med[False] / med[True]}
+
+
 LABELS = {"ce": "CE only (kd_weight=0)", "online": "online full KD", "topk8": "cached top-k 8", "topk32": "cached top-k 32",
           "sample": "cached sample", "sample_small": "cached sample (few draws)", "top_p": "cached top-p"}
 CACHED = ("topk8", "topk32", "sample", "sample_small", "top_p")
@@ -233,6 +278,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--teacher", default=None, help="a HF model dir instead of the reference teacher (smoke tests)")
     ap.add_argument("--cache-dir", default=None, help="reference teacher cache (default $KDSTORE_CACHE or ~/.cache/kdstore)")
     ap.add_argument("--work", default=str(ROOT / ".cache" / "train_bench"), help="stores and runs")
+    ap.add_argument("--pack-steps", type=int, default=150, help="steps per run of the packing study")
+    ap.add_argument("--pack-reps", type=int, default=2, help="alternating padded/packed runs of the packing study")
+    ap.add_argument("--only-packing", action="store_true", help="run only the padded-vs-packed study (its own section)")
     ap.add_argument("--quick", action="store_true", help="smoke run (few steps/docs); does not write docs/benchmarks.md")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -241,29 +289,60 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _packing_main(stores: dict[str, dict], teacher_dir: Path, work: Path, args) -> int:
+    """``--only-packing``: the padded-vs-packed study alone, in its own section."""
+    import torch
+
+    if args.quick:
+        args.pack_steps, args.pack_reps = 10, 1
+    table, res = packing_study(stores["topk32"]["uri"], teacher_dir, work, args)
+    print("\n" + table)
+    if not args.quick:
+        write_section("train-packing", "Student batches: padded vs packed (document masking)", f"""
+Cached top-32 KD (store as in the section above: the first {args.docs} People's Daily train documents, windows of up to
+{args.max_length} tokens), `{args.student}`, batch {args.batch_size} rows, {args.pack_steps} steps per run, seed 0,
+precision {args.precision}, threads {torch.get_num_threads()}; {args.pack_reps} alternating runs per arm (step time: median
+of the runs' medians). Packed: each batch's rows whole in fewer sequences, position ids restarting per row so
+that attention stays inside each row (`SoftLabelDataset(pack=True)`, the default of `kd train student`); the rows,
+their order and the losses are those of the padded batches.
+
+{table}
+
+Target: at most 10 % padding positions (packed: **{res['padding'][True]:.1%}**, padded: {res['padding'][False]:.1%});
+step speed-up from packing: **{res['speedup']:.2f}x**.
+""")
+    return 0
+
+
+def _teacher(args) -> tuple[Path, dict]:
+    """The teacher's directory and description: ``--teacher``, or the cached reference teacher."""
+    from trainer.lm.models import load_causal_lm
+    from trainer.lm.reference import default_cache_dir, reference_info, reference_teacher
+
+    if args.teacher:
+        teacher_dir = Path(args.teacher)
+        return teacher_dir, {"recipe": {"model": teacher_dir.name}, "parameters": sum(
+            p.numel() for p in load_causal_lm(teacher_dir).parameters()), "eval_ppl": float("nan")}
+    teacher_dir = reference_teacher(cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+                                    threads=args.threads)
+    return teacher_dir, reference_info(teacher_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from trainer.lm.models import load_causal_lm
-    from trainer.lm.reference import default_cache_dir, reference_info, reference_teacher
-
     t_all = time.perf_counter()
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    if args.teacher:
-        teacher_dir = Path(args.teacher)
-        teacher = {"recipe": {"model": teacher_dir.name}, "parameters": sum(
-            p.numel() for p in load_causal_lm(teacher_dir).parameters()), "eval_ppl": float("nan")}
-    else:
-        teacher_dir = reference_teacher(cache_dir=cache, threads=args.threads)
-        teacher = reference_info(teacher_dir)
+    teacher_dir, teacher = _teacher(args)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     stores = capture(teacher_dir, work / "stores", docs=args.docs, samples=args.samples, samples_small=args.samples_small,
                      p=args.p, max_k=args.max_k, max_length=args.max_length, threads=args.threads)
     capture_s = next(iter(stores.values()))["capture_wall_seconds"]  # when the stores were made (maybe an earlier run)
+    if args.only_packing:
+        return _packing_main(stores, teacher_dir, work, args)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     results = run_arms(arms, stores, teacher_dir, work, args)
     sweep = step_time_sweep([t for t in args.sweep.split(",") if t], stores["topk32"]["uri"], teacher_dir, work, args)

@@ -18,6 +18,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("store", "verify"): ("kdstore.tools", "verify_main", "check checksums, schema, counts and values; exit 1 on corruption"),
     ("store", "stats"): ("kdstore.tools", "stats_main", "histograms of kept mass, tail mass, entropy and k (PNG)"),
     ("store", "export"): ("kdstore.export", "main", "decoded rows as JSONL or plain-column Parquet (token strings, top-k)"),
+    ("store", "merge"): ("kdstore.merge", "merge_main", "combine stores of separate capture jobs; duplicates by sample_id dropped and counted"),
     ("store", "align-report"): ("kdstore.align.report", "main", "vocabulary coverage of a student tokenizer, per policy"),
     ("store", "align-build"): ("kdstore.align.report", "build_main", "write (or --check) the alignment file of a student tokenizer"),
     ("train", "student"): ("trainer.lm.student", "main", "distil a student from a store (or CE / online-teacher baselines)"),

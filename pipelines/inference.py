@@ -2,7 +2,12 @@
 and by the plain-loop baseline, so both compute exactly the same thing).
 
 Only small arrays leave the device: per window ``indices [E]``, ``probs [E]``,
-``counts [P]`` and ``tail [P]``, never the ``[P, V]`` logits.
+``counts [P]`` and ``tail [P]``, never the ``[P, V]`` logits. Nor are those logits ever
+whole on the device: a causal LM runs its decoder to hidden states ``[P, H]``, and the LM
+head, softmax and selection run per chunk of positions (512 MiB of fp32 logits, see
+:meth:`BatchSpec.rows_per_chunk`), so peak memory does not grow with the batch. At
+V = 151,936 one 16k-token forward would otherwise hold 9.7 GB of fp32 logits
+(``bench/scale_bench.py capture`` measures both).
 
 Batching: a call gets any list of windows (a Beam batch under a token budget). Windows are
 grouped by *padded length bucket* (their length rounded up to ``pad_multiple``), and each
@@ -51,11 +56,19 @@ Output = Union[SparseOutput, str]  # a str is the reason a window failed (dead l
 @dataclass(frozen=True)
 class BatchSpec:
     """micro_batch_tokens: padded tokens per forward pass; pad_multiple: bucket width;
-    select_rows: positions per selection chunk (bounds the fp32 ``[rows, V]`` softmax)."""
+    select_rows: positions per selection chunk (bounds the fp32 ``[rows, V]`` logits and
+    softmax), capped so that one chunk's fp32 logits stay under ``select_bytes``."""
 
     micro_batch_tokens: int = 4096
     pad_multiple: int = 32
     select_rows: int = 4096
+    select_bytes: int = 512 << 20
+
+    def rows_per_chunk(self, vocab: int) -> int:
+        """Positions per selection chunk at vocabulary ``vocab``: 4096 at V = 4k, 882 at
+        V = 151,936 (512 MiB of fp32 logits; larger chunks only add memory, smaller ones
+        make the LM head matmul less efficient)."""
+        return max(16, min(self.select_rows, self.select_bytes // (4 * max(1, vocab))))
 
 
 def bucket_length(n: int, pad_multiple: int) -> int:
@@ -197,52 +210,61 @@ class TeacherRunner:
             t0 = time.perf_counter()
             xt = torch.from_numpy(x).to(self.device)
             mt = torch.from_numpy(mask).to(self.device)
-            logits = self.model.logits(xt, mt)
             if self.level == "sequence":
-                rows = logits  # [n, C]
-                positions = [1] * n
+                rows, head, positions = self.model.logits(xt, mt), None, [1] * n  # [n, C]
             else:
-                rows = logits[mt.bool()]  # [sum(lens), V], window by window, position order
+                # Hidden states [P, H] and the LM head when the teacher separates them (the head
+                # then runs per chunk below), else the logits [P, V]; window by window.
+                rows, head = self.model.position_rows(xt, mt)
                 positions = lens
-            finite = torch.isfinite(rows).all(dim=-1).cpu().numpy()
             self.forward_seconds += time.perf_counter() - t0
-            out = []
-            for s, sel in enumerate(selections):
-                t0 = time.perf_counter()
-                out.append(self._select(rows, positions, keys, sel, finite))
-                self.select_seconds[s] += time.perf_counter() - t0
-        return out
+            return self._select_chunks(rows, head, positions, keys, selections)
 
-    def _select(self, rows, positions: list[int], keys: list[int], sel: Selection, finite: np.ndarray) -> list[Output]:
-        """Selection of ``rows [P, V]`` (all windows' positions in order) -> one output per window."""
+    def _select_chunks(self, rows, head, positions: list[int], keys: list[int],
+                       selections: Sequence[Selection]) -> list[list[Output]]:
+        """Every selection of ``rows`` (logits ``[P, V]``, or hidden states ``[P, H]`` with
+        ``head``), chunk by chunk: at most one chunk's ``[rows, V]`` logits exist at a time."""
         torch = self._torch
         from pipelines.selection import sample_uniforms, select  # noqa: PLC0415
 
-        uniforms = None
-        if sel.mode == "sample":
-            uniforms = torch.from_numpy(sample_uniforms(list(keys), positions, sel.samples, sel.seed or 0))
-        parts = []
-        step = self.batch.select_rows
+        uniforms = [None if sel.mode != "sample" else
+                    torch.from_numpy(sample_uniforms(list(keys), positions, sel.samples, sel.seed or 0)) for sel in selections]
+        vocab = int(head.weight.shape[0]) if head is not None else int(rows.shape[-1])
+        step = self.batch.rows_per_chunk(vocab)
+        parts: list[list[tuple]] = [[] for _ in selections]
+        finite_parts = []
         for r0 in range(0, rows.shape[0], step):
-            chunk = rows[r0 : r0 + step]
-            u = None if uniforms is None else uniforms[r0 : r0 + step].to(chunk.device)
-            sp = select(
-                torch.nan_to_num(chunk.float(), nan=0.0, posinf=0.0, neginf=0.0), mode=sel.mode, k=sel.k, p=sel.p,
-                max_k=sel.max_k, samples=sel.samples, temperature=sel.temperature, uniforms=u,
-            )
-            parts.append(sp.flat())
-        idx = np.concatenate([p[0] for p in parts]).astype(np.int32)
-        probs = np.concatenate([p[1] for p in parts]).astype(np.float32)
-        counts = np.concatenate([p[2] for p in parts]).astype(np.int32)
-        tail = np.concatenate([p[3] for p in parts]).astype(np.float32)
-        pos_off = np.concatenate([[0], np.cumsum(positions)])
-        ent_off = np.concatenate([[0], np.cumsum(counts)])
-        results: list[Output] = []
-        for w in range(len(positions)):
-            p0, p1 = pos_off[w], pos_off[w + 1]
-            if not finite[p0:p1].all():
-                results.append(f"model error: non-finite logits at {int((~finite[p0:p1]).sum())} position(s)")
-                continue
-            e0, e1 = ent_off[p0], ent_off[p1]
-            results.append(SparseOutput(indices=idx[e0:e1], probs=probs[e0:e1], counts=counts[p0:p1], tail=tail[p0:p1]))
-        return results
+            t0 = time.perf_counter()
+            chunk = rows[r0 : r0 + step] if head is None else head(rows[r0 : r0 + step])
+            finite_parts.append(torch.isfinite(chunk).all(dim=-1).cpu().numpy())
+            clean = torch.nan_to_num(chunk.float(), nan=0.0, posinf=0.0, neginf=0.0)
+            self.forward_seconds += time.perf_counter() - t0
+            for s, sel in enumerate(selections):
+                t0 = time.perf_counter()
+                u = None if uniforms[s] is None else uniforms[s][r0 : r0 + step].to(chunk.device)
+                parts[s].append(select(clean, mode=sel.mode, k=sel.k, p=sel.p, max_k=sel.max_k, samples=sel.samples,
+                                       temperature=sel.temperature, uniforms=u).flat())
+                self.select_seconds[s] += time.perf_counter() - t0
+            del chunk, clean
+        finite = np.concatenate(finite_parts) if finite_parts else np.zeros(0, dtype=bool)
+        return [_window_outputs(ps, positions, finite) for ps in parts]
+
+
+def _window_outputs(parts: list[tuple], positions: list[int], finite: np.ndarray) -> list[Output]:
+    """Flat selection chunks -> one output per window (a reason string where its logits
+    were not finite)."""
+    idx = np.concatenate([p[0] for p in parts]).astype(np.int32)
+    probs = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    counts = np.concatenate([p[2] for p in parts]).astype(np.int32)
+    tail = np.concatenate([p[3] for p in parts]).astype(np.float32)
+    pos_off = np.concatenate([[0], np.cumsum(positions)])
+    ent_off = np.concatenate([[0], np.cumsum(counts)])
+    results: list[Output] = []
+    for w in range(len(positions)):
+        p0, p1 = pos_off[w], pos_off[w + 1]
+        if not finite[p0:p1].all():
+            results.append(f"model error: non-finite logits at {int((~finite[p0:p1]).sum())} position(s)")
+            continue
+        e0, e1 = ent_off[p0], ent_off[p1]
+        results.append(SparseOutput(indices=idx[e0:e1], probs=probs[e0:e1], counts=counts[p0:p1], tail=tail[p0:p1]))
+    return results

@@ -47,6 +47,7 @@ import xxhash
 
 from kdstore.format import TeacherInfo
 from kdstore.hashing import CHECKSUM
+from pipelines.teacher_model import TeacherModel, _bundle_logits, _hf_logits, split_head  # noqa: F401  (re-exported)
 
 _LOG = logging.getLogger(__name__)
 
@@ -396,46 +397,6 @@ def _open_bundle(path: str, model_dir: Path) -> Teacher:
                    pipeline=pipeline)
 
 
-class TeacherModel:
-    """A loaded teacher on its device.
-
-    ``logits(input_ids [B, T] long, attention_mask [B, T] long)`` -> ``[B, T, V]`` (token
-    level) or ``[B, C]`` (sequence level). ``pad_id``: the id a sequence classifier can be
-    padded with (None: it cannot batch, e.g. an HF classifier without ``pad_token_id``).
-    ``max_positions``: the longest input the model accepts (absolute position embeddings),
-    which bounds the padded length of a batch; None when unbounded or unknown.
-    """
-
-    def __init__(self, *, module: Any, forward: Any, pad_id: int | None, max_positions: int | None = None) -> None:
-        self.module = module
-        self._forward = forward
-        self.pad_id = pad_id
-        self.max_positions = max_positions
-
-    @property
-    def device(self):
-        return next(self.module.parameters()).device
-
-    def logits(self, input_ids, attention_mask):
-        return self._forward(self.module, input_ids, attention_mask)
-
-    @classmethod
-    def of_hf(cls, model: Any) -> "TeacherModel":
-        """Wrap a loaded Hugging Face model (causal LM or sequence classifier)."""
-        pad = getattr(model.config, "pad_token_id", None)
-        limit = getattr(model.config, "max_position_embeddings", None)
-        return cls(module=model, forward=_hf_logits, pad_id=None if pad is None else int(pad),
-                   max_positions=int(limit) if limit else None)
-
-
-def _hf_logits(module, input_ids, attention_mask):
-    return module(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def _bundle_logits(module, input_ids, attention_mask):
-    return module(input_ids, attention_mask)
-
-
 @dataclass(frozen=True)
 class TeacherSpec:
     """How workers load the teacher (picklable).
@@ -493,4 +454,4 @@ class TeacherSpec:
 
         cls = AutoModelForSequenceClassification if self.level == "sequence" else AutoModelForCausalLM
         model = cls.from_pretrained(model_dir, dtype=self.resolved_dtype(), trust_remote_code=self.trust_remote_code)
-        return TeacherModel.of_hf(model.to(self.resolved_device()).eval())
+        return TeacherModel.of_hf(model.to(self.resolved_device()).eval(), level=self.level)

@@ -140,6 +140,45 @@ def test_jsd_kd_and_tensorboard_log(world, tmp_path):
                    kd_loss="jsd", tokenizer=str(world["tok"])))
 
 
+def test_fused_head_trains_like_the_logits_path(world, tmp_path):
+    # Same seed, data and steps: the fused LM head + loss only reorders fp32 sums.
+    kw = dict(kd_weight=0.7, max_steps=6, log_every=1, loss_chunk=37)
+    train(_cfg(world, tmp_path / "plain", **kw))
+    train(_cfg(world, tmp_path / "fused", fused_head=True, **kw))
+    a = [(r["step"], r["loss"], r["ce"], r["kd"]) for r in _events(tmp_path / "plain", "train")]
+    b = [(r["step"], r["loss"], r["ce"], r["kd"]) for r in _events(tmp_path / "fused", "train")]
+    assert len(a) == len(b) == 6
+    for ra, rb in zip(a, b):
+        assert ra[0] == rb[0] and ra[1:] == pytest.approx(rb[1:], rel=2e-4)
+    from transformers import AutoModelForCausalLM
+
+    ma = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain" / "model")).state_dict()
+    mb = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fused" / "model")).state_dict()
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=1e-3, atol=1e-4)
+
+
+def test_packing_cuts_padding_on_real_text_and_trains_like_padded_batches(world, tmp_path):
+    from kdstore.dataset import SoftLabelDataset
+
+    def padding(pack: bool) -> float:
+        real = total = 0
+        for b in SoftLabelDataset(world["topk"], batch_size=8, seed=0, pack=pack):
+            m = b["valid_mask"] if pack else b["attention_mask"]
+            real, total = real + int(m.sum()), total + m.numel()
+        return 1 - real / total
+
+    plain, packed = padding(False), padding(True)
+    assert packed <= 0.10 and packed < 0.6 * plain  # 48-token windows: most rows are full here
+    kw = dict(kd_weight=0.7, max_steps=5, log_every=1)
+    train(_cfg(world, tmp_path / "pad", pack=False, **kw))
+    train(_cfg(world, tmp_path / "pack", pack=True, **kw))
+    a = [(r["loss"], r["ce"], r["kd"]) for r in _events(tmp_path / "pad", "train")]
+    b = [(r["loss"], r["ce"], r["kd"]) for r in _events(tmp_path / "pack", "train")]
+    for ra, rb in zip(a, b):
+        assert ra == pytest.approx(rb, rel=2e-4)
+
+
 def test_student_with_an_aligned_vocabulary(world, tmp_path):
     from kdstore import open as open_store
     from kdstore.align import VocabAlignment

@@ -42,6 +42,7 @@ class TrainConfig:
     teacher_segmentation_align: str = ""  # OLD path: the student reads teacher tokens mapped by this alignment (extend)
     seq_len: int = 128  # tokens per training window for text sources (the store defines its own)
     shuffle_block: int = 4  # store shards shuffled together
+    pack: bool = True  # store batches: pack each batch's rows into fewer sequences (document-masked; same rows, less padding)
     num_workers: int = 0  # DataLoader workers for the store
     record_samples: bool = False  # write sample_id:window of every batch row to samples-rank<r>.txt (audit)
 
@@ -57,6 +58,7 @@ class TrainConfig:
     temperature: float = 1.0  # student (and online teacher) temperature; KD term scaled by T^2
     tail_bucket: bool = True  # sparse KL over kept entries + a (k+1)-th bucket for the tail mass
     loss_chunk: int = 0  # positions per loss chunk (bounds fp32 [N, V] memory); 0 = one chunk
+    fused_head: bool = False  # store KD: LM head + CE + KD fused per chunk of loss_chunk (default 1024) positions, never [N, V] logits
     online_teacher: str = ""  # HF model dir run every step (full-vocabulary KL baseline)
 
     # -- optimisation ----------------------------------------------------------------------

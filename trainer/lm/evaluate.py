@@ -23,11 +23,14 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {
-        "input_ids": batch["input_ids"].to(device, non_blocking=True),
-        "attention_mask": batch["attention_mask"].to(device, non_blocking=True).long(),
-    }
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of a Hugging Face causal LM for a batch: ``attention_mask``, or for a
+    packed batch ``position_ids`` that restart per row and no mask (transformers then masks
+    attention per row; it does so only without a KV cache, hence ``use_cache=False``)."""
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    if "position_ids" in batch:
+        return {"input_ids": ids, "position_ids": batch["position_ids"].to(device, non_blocking=True), "use_cache": False}
+    return {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device, non_blocking=True).long()}
 
 
 @torch.no_grad()

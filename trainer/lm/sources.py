@@ -46,7 +46,8 @@ class TrainData:
                       file=sys.stderr)
             tok, remap, sequence, vocab, how = _store_tokenization(cfg, store, dist)
             ds = SoftLabelDataset(store, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, shuffle_block=cfg.shuffle_block,
-                                  rank=dist.rank, world_size=dist.world_size, remap=remap, sequence=sequence)
+                                  rank=dist.rank, world_size=dist.world_size, remap=remap, sequence=sequence,
+                                  pack=cfg.pack and sequence is None)
             loader = StoreLoader(ds, num_workers=cfg.num_workers)
             mode = sel.mode + (f" k={sel.k}" if sel.mode == "topk" else f" p={sel.p}" if sel.mode == "top_p" else f" n={sel.samples}")
             info = f"store {cfg.store} ({store.num_rows} rows, {mode}; {how})"

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from trainer.core import checkpoint as ckpt_io
 from trainer.core.config import TrainConfig, apply_overrides, format_config, from_dict, to_dict
 from trainer.lm.evaluate import autocast, evaluate, model_inputs
+from trainer.core.fused import DEFAULT_CHUNK, fused_ce_and_sparse_kd
 from trainer.core.losses import (
     ce_and_dense_kd_loss, ce_and_stored_kd_loss, ce_loss, chain_merged_kd_loss, mix, uld_loss,
 )
@@ -202,9 +203,11 @@ def _loss(cfg: TrainConfig, net: torch.nn.Module, teacher: torch.nn.Module | Non
     """Forward one micro-batch; returns (loss, ce, kd, target tokens). Losses in fp32."""
     inputs = model_inputs(batch, device)
     labels = batch["labels"].to(device)
+    a = cfg.kd_weight
+    if cfg.fused_head and teacher is None and "kd_indices" in batch:
+        return _fused_loss(cfg, net, inputs, labels, batch, device)
     with autocast(device, cfg.precision):
         logits = net(**inputs).logits
-    a = cfg.kd_weight
     kw = dict(kind=cfg.kd_loss, temperature=cfg.temperature, chunk_size=cfg.loss_chunk)
     if a > 0.0 and teacher is not None:
         with torch.no_grad(), autocast(device, cfg.precision):
@@ -230,6 +233,26 @@ def _loss(cfg: TrainConfig, net: torch.nn.Module, teacher: torch.nn.Module | Non
     else:
         ce, kd = ce_loss(logits, labels, chunk_size=cfg.loss_chunk), torch.full((), math.nan)
     return mix(ce, kd, a), ce.detach(), kd.detach(), float((labels != -100).sum())
+
+
+def _fused_loss(cfg: TrainConfig, net: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Store KD without ``[N, V]`` logits: the decoder's hidden states go through the LM head,
+    CE and sparse KD chunk by chunk (:mod:`trainer.core.fused`); same values as the path above."""
+    if hasattr(net, "module"):
+        # DDP prepares its gradient reduction in its own forward, which this path bypasses.
+        raise ValueError("fused_head=true is single-process for now; run without torchrun, or with fused_head=false "
+                         "and loss_chunk=N to bound memory under DDP")
+    model = net
+    with autocast(device, cfg.precision):
+        hidden = model.get_decoder()(**inputs).last_hidden_state
+    head = model.get_output_embeddings()
+    loss, ce, kd = fused_ce_and_sparse_kd(
+        hidden, head.weight, labels, batch["kd_indices"].to(device), batch["kd_probs"].to(device),
+        batch["kd_tail"].to(device), batch["kd_mask"].to(device), kd_weight=cfg.kd_weight, bias=head.bias,
+        kind=cfg.kd_loss, beta=cfg.kd_beta, temperature=cfg.temperature, tail_bucket=cfg.tail_bucket,
+        chunk_size=cfg.loss_chunk or DEFAULT_CHUNK)
+    return loss, ce, kd, float((labels != -100).sum())
 
 
 # =========================================================================================
