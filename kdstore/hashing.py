@@ -44,3 +44,16 @@ def file_checksum(stream_or_bytes, *, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return f"{CHECKSUM}:{h.hexdigest()}"
+
+
+def files_checksum(paths) -> str:
+    """``xxh3_128:<hex>`` of the concatenated contents of ``paths`` (in order), streamed."""
+    h = xxhash.xxh3_128()
+    for path in paths:
+        with open(path, "rb") as f:
+            while True:
+                b = f.read(1 << 22)
+                if not b:
+                    break
+                h.update(b)
+    return f"{CHECKSUM}:{h.hexdigest()}"

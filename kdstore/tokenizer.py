@@ -22,6 +22,9 @@ from tokenizers import Tokenizer
 if TYPE_CHECKING:  # transformers is imported lazily: it costs seconds to import
     from transformers import PreTrainedTokenizerBase
 
+# Files that define a tokenizer in a model directory (``tokenizer.json`` alone when present).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
+
 ROLE_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -188,3 +191,16 @@ def vocab_table(tokenizer: TokenizerLike) -> dict[str, Any]:
         tokens.append(token if token is not None else byte_map.added[i][0])
         data.append(b)
     return {"id": np.arange(size, dtype=np.int64), "token": tokens, "bytes": data, "is_special": special}
+
+
+def tokenizer_files_hash(model_dir: str | Path) -> str | None:
+    """``xxh3_128:<hex>`` of a model directory's tokenizer files (``tokenizer.json`` alone
+    when present), or None without any: the identity a store's manifest records as
+    ``teacher.tokenizer_hash`` (stores are compared by it on resume and merge). It names the
+    files as shipped; :func:`tokenizer_hash` names the tokenizer's behaviour (canonical JSON
+    plus roles) and keys caches of tokenizers the project trains itself."""
+    from kdstore.hashing import files_checksum  # noqa: PLC0415
+
+    d = Path(model_dir)
+    files = [d / "tokenizer.json"] if (d / "tokenizer.json").is_file() else [d / f for f in TOKENIZER_FILES if (d / f).is_file()]
+    return files_checksum(files) if files else None

@@ -43,10 +43,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import xxhash
 
 from kdstore.format import TeacherInfo
-from kdstore.hashing import CHECKSUM
+from kdstore.hashing import files_checksum
+from kdstore.tokenizer import TOKENIZER_FILES, tokenizer_files_hash
 from pipelines.teacher_model import TeacherModel, _bundle_logits, _hf_logits, split_head  # noqa: F401  (re-exported)
 
 _LOG = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ KINDS = ("hf-causal-lm", "hf-sequence-classifier", "classifier-bundle")
 BUNDLE_META = "classifier.json"
 BUNDLE_FORMAT = "kdstore.classifier.v1"  # trainer.classify.classifiers.BUNDLE_FORMAT
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
 
 
 class TeacherError(ValueError):
@@ -99,15 +98,7 @@ def _is_model_dir(p: Path) -> bool:
 
 
 def _hash_files(files: list[Path]) -> str:
-    h = xxhash.xxh3_128()
-    for f in files:
-        with open(f, "rb") as fh:
-            while True:
-                b = fh.read(1 << 22)
-                if not b:
-                    break
-                h.update(b)
-    return f"{CHECKSUM}:{h.hexdigest()}"
+    return files_checksum(files)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -123,10 +114,8 @@ def weights_hash(model_dir: Path) -> str:
 
 
 def tokenizer_hash(model_dir: Path) -> str | None:
-    files = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
-    if (model_dir / "tokenizer.json").is_file():
-        files = [model_dir / "tokenizer.json"]
-    return _hash_files(files) if files else None
+    """The manifest's ``teacher.tokenizer_hash`` (:func:`kdstore.tokenizer.tokenizer_files_hash`)."""
+    return tokenizer_files_hash(model_dir)
 
 
 def num_parameters(model_dir: Path) -> int | None:

@@ -42,6 +42,9 @@ def small_cfg(world, out, **kw) -> FederatedConfig:
     base = dict(nodes="sentiment,tagging,kd", kd_store=world["store"], sentiment_limit=160, tagging_limit=160,
                 eval_limit=48, max_len=32, d_model=32, n_heads=2, d_ff=64, local_steps=2, batch_size=8,
                 max_updates=24, out_dir=str(out), save_every=4, reply_timeout_s=15, join_timeout_s=300,
+                # Re-instruct a lost node at once: on a fast machine the budget is spent within the
+                # default 2 s back-off, and the test must see the crashed node rejoin.
+                rejoin_after_s=0.0,
                 progress=False)
     base.update(kw)
     return FederatedConfig(**base)

@@ -180,8 +180,8 @@ def _lr_lambda(cfg: TrainConfig):
 
 def test_warmup_cosine_schedule():
     f = _lr_lambda(TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1))
-    # transformers' warm-up starts from 0 (step s gets s / warmup_steps; the hand-written one gave (s + 1) / warmup).
-    assert f(0) == pytest.approx(0.0) and f(9) == pytest.approx(0.9)
+    # The warm-up counts the step being taken: step s gets (s + 1) / warmup (transformers: s / warmup).
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) - 1e-12 for s in range(10, 110))
     assert math.isclose(_lr_lambda(TrainConfig(max_steps=5, warmup_steps=0))(0), 1.0)

@@ -75,6 +75,7 @@ class FederatedConfig:
     time_budget_s: float = 0.0  # stop after this many seconds (0 = no limit)
     reply_timeout_s: float = 300.0  # a node silent this long after a train message is counted lost (it may rejoin)
     join_timeout_s: float = 300.0  # how long a node may take to answer the instruction (it loads its data)
+    rejoin_after_s: float = 2.0  # a lost node is re-instructed (may rejoin) once this long has passed
     seed: int = 0
     threads: int = 1  # torch threads per node
     out_dir: str = "runs/federated"

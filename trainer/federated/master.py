@@ -28,7 +28,6 @@ import torch
 from trainer.core.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from trainer.core.config import to_dict
 from trainer.core.runlog import RunLog
-from trainer.core.runtime import Dist
 from trainer.federated import protocol as P
 from trainer.federated.aggregate import AsyncAggregator, RejectedUpdate, check_update, weighted_average
 from trainer.federated.config import DECLINE_REASONS, ENCODER_TYPE, TASKS, FederatedConfig, load_config
@@ -63,8 +62,8 @@ class Master:
         self.t0 = time.perf_counter()
         self.elapsed0 = 0.0
         self.agg, resume_step = self._initial_parameters()
-        self.log = RunLog(self.out, Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), started=False),
-                          cfg, resume_step=resume_step)
+        self.log = RunLog(self.out / "metrics.jsonl", resume_step=resume_step,
+                          tensorboard=getattr(cfg, "tensorboard", False))
         (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False), encoding="utf-8")
 
     # -- parameters and checkpoints ------------------------------------------------------
@@ -260,7 +259,7 @@ class Master:
 
     def _rejoin(self) -> None:
         """Re-instruct new or lost nodes; a node that confirms starts from the current global."""
-        fresh = self._new_nodes(retry_after=2.0)
+        fresh = self._new_nodes(retry_after=self.cfg.rejoin_after_s)
         if fresh:
             self._instruct(fresh)
 

@@ -56,11 +56,9 @@ def shared_tokenizer(cfg: FederatedConfig) -> str:
 def vocab_identity(tokenizer_dir: str) -> str | None:
     """The vocabulary identity the master names: the same tokenizer hash a store's manifest
     records for its teacher (``teacher.tokenizer_hash``), so a KD node compares it directly."""
-    from pathlib import Path  # noqa: PLC0415
+    from kdstore.tokenizer import tokenizer_files_hash  # noqa: PLC0415
 
-    from pipelines.teachers import tokenizer_hash  # noqa: PLC0415
-
-    return tokenizer_hash(Path(tokenizer_dir))
+    return tokenizer_files_hash(tokenizer_dir)
 
 
 def node_spec(cfg: FederatedConfig, index: int) -> NodeSpec:
