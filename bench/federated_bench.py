@@ -99,11 +99,7 @@ def central(cfg: FederatedConfig, rounds: int) -> dict[str, float]:
     for _ in range(rounds * cfg.local_steps):
         for d, h, st, s in zip(datas, heads, streams, specs):
             batch, _ = next(st)
-            loss, _ = T.forward_loss(d.task, enc, h, batch, kd_weight=s.kd_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            T.train_step(d.task, enc, h, batch, opt, params, kd_weight=s.kd_weight)
     return {d.task: score(d.task, {f"eval_{k}": v for k, v in T.evaluate(d, enc, h, pad_id=es["pad_id"]).items()})
             for d, h in zip(datas, heads)}
 

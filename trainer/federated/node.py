@@ -143,11 +143,7 @@ def local_train(spec: NodeSpec, encoder, head, data: T.NodeData, rule: dict[str,
             break
         ts = time.perf_counter()
         batch, _ = next(stream)
-        loss, _ = T.forward_loss(data.task, encoder, head, batch, kd_weight=spec.kd_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = T.train_step(data.task, encoder, head, batch, opt, params, kd_weight=spec.kd_weight)
         steps += 1
         examples += int(batch["input_ids"].shape[0])
         loss_sum += float(loss.detach())

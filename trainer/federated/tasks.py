@@ -195,6 +195,16 @@ def collate(task: str, items: list[Any], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def train_step(task: str, encoder, head, batch, opt, params, *, kd_weight: float):
+    """One optimizer step on ``batch``: the task's loss, backward, clip at 1.0, step; returns the loss."""
+    loss, _ = forward_loss(task, encoder, head, batch, kd_weight=kd_weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss
+
+
 def forward_loss(task: str, encoder: nn.Module, head: PrivateHead, batch: dict[str, torch.Tensor], *,
                  kd_weight: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
     """Task loss (fp32, mean over valid positions/examples) and its parts."""
