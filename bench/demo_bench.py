@@ -162,15 +162,16 @@ def main(argv: list[str] | None = None) -> int:
 Cold first run: `kd demo` defaults, empty cache directory, {'teacher rebuilt by its recipe' if args.rebuild_teacher else
 'shipped teacher artifact'} ({shipped.name if shipped else '-'}); torch threads {torch.get_num_threads()},
 `os.cpu_count()` = {os.cpu_count()}. **Measured here: {demo_wall:.0f} s ({demo_wall / 60:.1f} min) wall**, process CPU
-{demo_cpu:.0f} s (Beam workers not included), on a shared machine with load average {load0[0]:.1f} -> {load1[0]:.1f}:
-the wall time is pessimistic; compare machines by the speed rows.
+{demo_cpu:.0f} s (Beam workers not included), with the 1-minute load average at {load0[0]:.1f} before and {load1[0]:.1f} after
+(the demo's own processes included; above 0.5 before, other work shared the machine and the wall time is
+pessimistic); compare machines by the speed rows.
 
 {speed_table}
 
 {phase_table}
 
 Derived column: the slow machine's own phases from issue #19, except (a) the teacher phase, now the check and unpacking
-of the shipped artifact: taken as measured here (on this loaded machine: an upper bound), and (b) the student phase times {keep_frac:.3f}: the share of this run's student phase that remains once the
+of the shipped artifact: taken as measured here, and (b) the student phase times {keep_frac:.3f}: the share of this run's student phase that remains once the
 {2 * (EVALS_WITH_KL_BEFORE - 1)} KL-to-teacher evaluations it no longer runs are added back at their cost measured here
 ({cost['with_kl_s']:.1f} s with the teacher vs {cost['without_kl_s']:.1f} s without, per evaluation pass). Slow machine
 estimate: **{slow_total:.0f} s ({slow_total / 60:.1f} min; budget 12 min: {slow_total <= BUDGET_S})**.

@@ -180,13 +180,18 @@ def _avail_gb() -> float:
 
 def run_loss(a) -> None:
     rows = []
-    need_unfused = a.positions * V * 4 * 4 / 2**30 + 2  # logits, log-softmax, their grads (fp32)
+    # Unfused memory grows linearly in N: predicted from the last measured run (else from four fp32
+    # [N, V] buffers: logits, log-softmax and their grads), so a run that would not fit is skipped.
+    last: tuple[int, float] | None = None
     for mode in ("unfused", "fused"):
         for n in sorted({a.positions // 4, a.positions // 2, a.positions}):
-            if mode == "unfused" and need_unfused * n / a.positions > _avail_gb() - 2:
-                rows.append([mode, n, "skipped: not enough free memory", "", "", ""])
+            need = last[1] * n / last[0] + 0.5 if last else n * V * 4 * 4 / 2**30 + 2
+            if mode == "unfused" and need > _avail_gb() - 2:
+                rows.append([mode, n, f"skipped: needs ~{need:.1f} GiB", "", "", ""])
                 continue
             r = _child(["loss", mode, str(n), "896", str(a.k), str(a.chunk), str(a.threads)])
+            if mode == "unfused" and "peak_mb" in r:
+                last = (n, r["peak_mb"] / 1024)
             if "error" in r:
                 rows.append([mode, n, "failed: " + r["error"], "", "", ""])
                 continue
