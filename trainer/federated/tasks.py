@@ -195,8 +195,12 @@ def collate(task: str, items: list[Any], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def train_step(task: str, encoder, head, batch, opt, params, *, kd_weight: float):
-    """One optimizer step on ``batch``: the task's loss, backward, clip at 1.0, step; returns the loss."""
+def train_step(task: str, encoder: nn.Module, head: PrivateHead, batch: dict[str, torch.Tensor],
+               opt: torch.optim.Optimizer, params: list[nn.Parameter], *, kd_weight: float) -> torch.Tensor:
+    """One optimizer step on ``batch``: the task's loss, backward, clip ``params`` at norm 1.0, step.
+
+    Returns the loss (a 0-d fp32 tensor, mean over the batch's valid positions/examples).
+    """
     loss, _ = forward_loss(task, encoder, head, batch, kd_weight=kd_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
