@@ -59,10 +59,11 @@ def _vocab(v: int) -> pa.Table:
     return vocab_table(ids=list(range(v)), tokens=toks, token_bytes=[t.encode() for t in toks], special=[False] * v)
 
 
-def write_kdstore(t: Teacher, k: int, bits: int, path: Path, *, scheme: str = "sqrt", hashes: np.ndarray) -> kdstore.Store:
+def write_kdstore(t: Teacher, k: int, bits: int, path: Path, *, scheme: str = "sqrt", hashes: np.ndarray,
+                  index_order: np.ndarray | None = None) -> kdstore.Store:
     n = len(t.tokens)
     with StoreWriter(str(path), teacher=TeacherInfo(name_or_path="bench", vocab_size=t.vocab), selection=Selection(mode="topk", k=k),
-                     bits=bits, scheme=scheme, overwrite=True) as w:
+                     bits=bits, scheme=scheme, overwrite=True, index_order=index_order) as w:
         w.write_vocab(_vocab(t.vocab))
         for r, s in enumerate(range(0, n, ROW_LEN)):
             e = min(s + ROW_LEN, n)
@@ -136,7 +137,10 @@ def store_kl(t: Teacher, k: int, store: kdstore.Store) -> np.ndarray:
         probs.append(d.probs.reshape(-1, k))
         tail.append(d.tail)
     idx, probs, tail = np.concatenate(idx), np.concatenate(probs), np.concatenate(tail)
-    # decoded entries are in index order: bring them to the exact (probability) order
+    # decoded entries are in storage order (ascending id, or rank for rank_delta): sort by id,
+    # then bring them to the exact (probability) order
+    by_id = np.argsort(idx, axis=1)
+    idx, probs = np.take_along_axis(idx, by_id, 1), np.take_along_axis(probs, by_id, 1)
     order_exact = np.argsort(t.idx[:, :k], axis=1)
     inv = np.argsort(order_exact, axis=1)
     assert np.array_equal(np.take_along_axis(idx, inv, 1), t.idx[:, :k]), "decoded indices differ from written ones"

@@ -86,7 +86,7 @@ class SoftLabelDataset(IterableDataset):
       ``kd_tail`` ``[B, T]`` float32 (mass outside the kept entries; ``probs.sum(-1) + tail == 1``)
     - ``kd_mask`` ``[B, T]`` bool: the position has a teacher target
     - ``kd_counts`` ``[B, T]`` long: kept entries per position (slots ``>= count`` are padding);
-      entries of a position are in ascending index order (the top entry is ``kd_probs.argmax(-1)``)
+      entries of a position are in storage order (ascending id or rank, ``docs/format.md``; the top entry is ``kd_probs.argmax(-1)``)
     - ``sample_id`` list of B str, ``window`` ``[B]`` long, ``batch_index`` int
 
     With ``sequence=`` (a :class:`kdstore.align.SequenceAligner`) batches are in the

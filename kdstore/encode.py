@@ -57,12 +57,15 @@ def new_manifest(
     columns: dict[str, bool] | None = None,
     pipeline: dict[str, Any] | None = None,
     scheme: str = "sqrt",
+    index_order: dict[str, Any] | None = None,
 ) -> F.Manifest:
     """A manifest with everything but shards/totals filled in (validated).
 
     ``scheme``: probability code, ``sqrt`` (default, best bytes for a forward-KL loss) or
     ``log`` (bounded relative error, for reverse-KL/JSD losses); ``sample`` mode always
-    stores exact counts. See :mod:`kdstore.quant`.
+    stores exact counts. See :mod:`kdstore.quant`. ``index_order``: the manifest entry of
+    an ``index_order.parquet`` (:func:`encode_index_order`) for the ``rank_delta`` index
+    coding; None stores ids as they are (``sorted_delta``).
     """
     if scheme not in SCHEMES:
         raise StoreFormatError(f"unknown probability code {scheme!r}; expected one of {SCHEMES}")
@@ -77,6 +80,8 @@ def new_manifest(
         level=level,
         columns={"text": False, "offsets": False, "label": False, **(columns or {})},
         index_dtype=str(np.dtype(F.index_dtype(teacher.vocab_size))),
+        index_coding=F.RANK_CODING if index_order is not None else F.INDEX_CODING,
+        index_order=index_order,
         hashes={"tokens": TOKEN_HASH, "sample_id": SAMPLE_ID_HASH, "checksum": CHECKSUM},
         created_by=f"kdstore {__version__}",
         pipeline=dict(pipeline or {}),
@@ -85,15 +90,62 @@ def new_manifest(
     return m
 
 
+def frequency_order(counts: np.ndarray, vocab_size: int) -> np.ndarray:
+    """``[vocab_size]`` uint32 ids by descending ``counts`` (ties and unseen ids by id).
+
+    ``counts``: ``[n]`` occurrences per teacher id (``n <= vocab_size``; ids past ``n``,
+    e.g. the padded rows of an output embedding, count 0). Row ``r`` of the result is the
+    id stored as rank ``r`` by the ``rank_delta`` coding.
+    """
+    c = np.zeros(vocab_size, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 1 or len(counts) > vocab_size or (counts < 0).any():
+        raise StoreFormatError(f"index order: counts must be a 1-D array of >= 0 values of length <= vocab size {vocab_size}, got shape {counts.shape}")
+    c[: len(counts)] = counts
+    return np.argsort(-c, kind="stable").astype(np.uint32)
+
+
+def encode_index_order(order: np.ndarray, *, source: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
+    """``index_order.parquet`` bytes and its manifest entry, for ``order[rank] = id``.
+
+    ``order`` must be a permutation of ``[0, V)`` (V = the teacher's padded vocabulary).
+    ``source``: how the order was made (recorded in the entry, e.g. the counted tokens).
+    """
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from kdstore.hashing import file_checksum  # noqa: PLC0415
+
+    order = np.asarray(order)
+    if order.ndim != 1 or not len(order) or not np.array_equal(np.sort(order), np.arange(len(order))):
+        raise StoreFormatError(f"index order: expected a permutation of [0, {len(order)}), got another array")
+    table = pa.Table.from_arrays([pa.array(order.astype(np.uint32), pa.uint32())], schema=F.INDEX_ORDER_SCHEMA)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd", use_dictionary=False, column_encoding={"id": "DELTA_BINARY_PACKED"})
+    data = buf.getvalue().to_pybytes()
+    return data, {"file": F.INDEX_ORDER, "rows": int(len(order)), "bytes": len(data), "checksum": file_checksum(data),
+                  "source": dict(source or {})}
+
+
 class RowEncoder:
     """Encode rows for one manifest's schema; all quantization and index coding happen here.
 
-    Entries of each position are sorted by ascending teacher index and the indices stored as
+    Entries of each position are sorted by ascending stored index and the indices stored as
     gaps (see :mod:`kdstore.quant`); the input order of a row's entries does not matter.
+    The stored index is the teacher id (``sorted_delta``) or its rank in ``index_order``
+    (``rank_delta``: pass the ``[V]`` id-of-rank array the manifest's entry describes).
     """
 
-    def __init__(self, manifest: F.Manifest) -> None:
+    def __init__(self, manifest: F.Manifest, *, index_order: np.ndarray | None = None) -> None:
         self.manifest = manifest
+        self._rank: np.ndarray | None = None
+        self._order = None if index_order is None else np.asarray(index_order, dtype=np.int64)
+        if manifest.index_coding == F.RANK_CODING:
+            if index_order is None or len(index_order) != manifest.teacher.vocab_size:
+                raise StoreFormatError(f"a rank_delta store needs its index order ({manifest.teacher.vocab_size} ids) to encode rows")
+            self._rank = np.empty(len(index_order), dtype=np.int64)
+            self._rank[np.asarray(index_order, dtype=np.int64)] = np.arange(len(index_order))
+        elif index_order is not None:
+            raise StoreFormatError("an index order was given for a sorted_delta manifest; make the manifest with index_order=")
         self.schema = F.arrow_schema(manifest)
         q = manifest.quantization
         self._probs_q = None if q.probs == "count" else quantizer(q.probs, q.bits)
@@ -113,6 +165,8 @@ class RowEncoder:
         counts_l = [np.asarray(r.counts, dtype=np.int64) for r in rows]
         counts = np.concatenate(counts_l)
         idx = np.concatenate([np.asarray(r.indices, dtype=np.int64) for r in rows])
+        if self._rank is not None:
+            idx = self._rank[idx]  # ids were range-checked by check_row
         probs = np.concatenate([np.asarray(r.probs, dtype=np.float64) for r in rows])
         tail = np.concatenate([np.asarray(r.tail, dtype=np.float64) for r in rows])
         p_off = _offsets(len(c) for c in counts_l)
@@ -127,7 +181,7 @@ class RowEncoder:
         if dup.any():
             e = int(np.flatnonzero(dup)[0])
             r = rows[_row_of(p_off, int(np.searchsorted(pos_e_off, e, side="right") - 1))]
-            raise StoreFormatError(f"sample {r.sample_id!r} window {r.window}: index {int(idx[e])} is kept twice at one position; kept indices must be unique")
+            raise StoreFormatError(f"sample {r.sample_id!r} window {r.window}: index {int(idx[e] if self._order is None else self._order[idx[e]])} is kept twice at one position; kept indices must be unique")
         if sel.mode == "sample":
             draws = np.rint(probs * sel.samples)
             if np.abs(draws - probs * sel.samples).max(initial=0.0) > 1e-3 or (draws < 1).any():

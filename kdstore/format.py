@@ -1,9 +1,10 @@
-"""Store format v1: directory layout, Arrow schema, manifest. See ``docs/format.md``.
+"""Store format v2: directory layout, Arrow schema, manifest. See ``docs/format.md``.
 
 Layout of a store root::
 
     manifest.json            written last, atomically: a store without it is incomplete
     vocab.parquet            teacher vocabulary table (id, token, bytes, hash, special)
+    index_order.parquet      (``rank_delta`` stores) the teacher id stored at each rank
     shards/*.parquet         soft-label rows (zstd)
     errors/*.jsonl           dead letters: one JSON object per rejected sample
 
@@ -24,11 +25,14 @@ from kdstore.errors import StoreFormatError
 from kdstore.quant import count_dtype, index_dtype
 
 FORMAT_NAME = "kdstore"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+# v2 = v1 + the ``rank_delta`` index coding and the manifest key ``index_order``; a v1
+# store (``sorted_delta`` only, no ``index_order`` key) decodes unchanged.
+SUPPORTED_VERSIONS = (1, 2)
 
 MANIFEST = "manifest.json"
 VOCAB = "vocab.parquet"
+INDEX_ORDER = "index_order.parquet"
 SHARD_DIR = "shards"
 ERROR_DIR = "errors"
 
@@ -36,6 +40,10 @@ SELECT_MODES = ("topk", "top_p", "sample")
 PROB_CODES = ("sqrt", "log", "count")
 # Entries of a position sorted by ascending index, indices stored as gaps (docs/format.md).
 INDEX_CODING = "sorted_delta"
+# v2: the same gaps over each id's rank in ``index_order.parquet`` (frequent ids first), so
+# a 150k vocabulary's kept ids cost what a small vocabulary's do (docs/format.md).
+RANK_CODING = "rank_delta"
+INDEX_CODINGS = (INDEX_CODING, RANK_CODING)
 LEVELS = ("token", "sequence")
 
 _PA_UINT = {1: pa.uint8(), 2: pa.uint16(), 4: pa.uint32(), 8: pa.uint64()}
@@ -145,6 +153,7 @@ class Manifest:
     columns: dict[str, bool] = field(default_factory=dict)
     index_dtype: str = ""
     index_coding: str = INDEX_CODING
+    index_order: dict[str, Any] | None = None
     hashes: dict[str, str] = field(default_factory=dict)
     created_by: str = ""
     created_at: str = ""
@@ -199,8 +208,19 @@ class Manifest:
             raise StoreFormatError(f"{source}: unknown quantization {q}; format v{FORMAT_VERSION} knows probs in {PROB_CODES}, tail in ('sqrt', 'log'), bits 8 or 16")
         if (q.probs == "count") != (self.selection.mode == "sample"):
             raise StoreFormatError(f"{source}: 'count' quantization goes with selection mode 'sample' only")
-        if self.index_coding != INDEX_CODING:
-            raise StoreFormatError(f"{source}: unknown index coding {self.index_coding!r}; format v{FORMAT_VERSION} uses {INDEX_CODING!r}")
+        if self.index_coding not in INDEX_CODINGS or (self.format_version == 1 and self.index_coding != INDEX_CODING):
+            raise StoreFormatError(f"{source}: unknown index coding {self.index_coding!r} for format v{self.format_version} "
+                                   f"(v1 knows {INDEX_CODING!r}, v2 {list(INDEX_CODINGS)})")
+        if (self.index_coding == RANK_CODING) != (self.index_order is not None):
+            raise StoreFormatError(f"{source}: index coding {self.index_coding!r} " + (
+                "needs an 'index_order' entry (the id of each rank); the manifest is corrupt" if self.index_order is None
+                else "has an 'index_order' entry, which only 'rank_delta' uses; the manifest is corrupt"))
+        if self.index_order is not None:
+            rows = self.index_order.get("rows")
+            if rows != self.teacher.vocab_size or not self.index_order.get("file"):
+                raise StoreFormatError(f"{source}: index_order must name a file of teacher.vocab_size = "
+                                       f"{self.teacher.vocab_size} rows, got {self.index_order!r}")
+            check_relative_path(self.index_order["file"], source=source)
         if not isinstance(self.teacher.vocab_size, int) or self.teacher.vocab_size < 1:
             raise StoreFormatError(f"{source}: teacher.vocab_size must be a positive integer, got {self.teacher.vocab_size!r}")
         want = str(index_dtype(self.teacher.vocab_size))
@@ -275,8 +295,8 @@ def shard_metadata(manifest: Manifest) -> dict[bytes, bytes]:
     """Arrow schema metadata of every shard: enough to decode a shard found on its own."""
     q = manifest.quantization
     return {
-        b"kdstore.format_version": str(FORMAT_VERSION).encode(),
-        b"kdstore.index_coding": INDEX_CODING.encode(),
+        b"kdstore.format_version": str(manifest.format_version).encode(),
+        b"kdstore.index_coding": manifest.index_coding.encode(),
         b"kdstore.probs": (q.probs if q.probs == "count" else f"{q.probs}{q.bits}").encode(),
         b"kdstore.tail": f"{q.tail_scheme}{q.bits}".encode(),
         b"kdstore.vocab_size": str(manifest.teacher.vocab_size).encode(),
@@ -291,5 +311,12 @@ VOCAB_SCHEMA = pa.schema(
         pa.field("hash", pa.uint64(), nullable=False),
         pa.field("special", pa.bool_(), nullable=False),
     ],
+    metadata={b"kdstore.format_version": str(FORMAT_VERSION).encode()},
+)
+
+# index_order.parquet: row r holds the teacher id stored as rank r (a permutation of
+# [0, teacher.vocab_size)); readers map a decoded rank back with ``id = order[rank]``.
+INDEX_ORDER_SCHEMA = pa.schema(
+    [pa.field("id", pa.uint32(), nullable=False)],
     metadata={b"kdstore.format_version": str(FORMAT_VERSION).encode()},
 )

@@ -4,8 +4,8 @@ A corpus of billions of tokens is captured in pieces (one Dataflow job per part,
 second job for new input); merging makes one store of them. The sources must agree on
 everything that gives a stored number its meaning: teacher identity (name, revision,
 weights hash, tokenizer hash, padded vocabulary size), selection, temperature,
-quantization, level, optional columns, index coding, hash functions and the vocabulary
-table itself. A difference is refused with its name and both values.
+quantization, level, optional columns, format version, index coding and index order,
+hash functions and the vocabulary table itself. A difference is refused with its name and both values.
 
 What the output holds:
 
@@ -17,7 +17,7 @@ What the output holds:
   and checked against the source manifest's checksum on the way) or by ``link`` (a hard
   link: no new bytes; local disk only, same filesystem; the checksum is still checked). A
   shard with a duplicate is rewritten without those rows, with the same Parquet settings;
-* the vocabulary table of the first source (all are identical), every dead-letter file
+* the vocabulary table (and index order) of the first source (all are identical), every dead-letter file
   (renamed ``errors/sNNN-*``, counts summed);
 * a manifest written last, atomically, whose ``pipeline`` lists the sources.
 
@@ -75,7 +75,8 @@ class MergeReport:
 def identity(m: F.Manifest) -> dict[str, Any]:
     """The manifest fields two stores must share to be merged, flattened to ``a.b`` keys."""
     out: dict[str, Any] = {"format_version": m.format_version, "level": m.level, "index_coding": m.index_coding,
-                           "index_dtype": m.index_dtype, "vocab.checksum": (m.vocab or {}).get("checksum")}
+                           "index_dtype": m.index_dtype, "vocab.checksum": (m.vocab or {}).get("checksum"),
+                           "index_order.checksum": (m.index_order or {}).get("checksum")}
     for group, obj in (("teacher", m.teacher), ("selection", m.selection), ("quantization", m.quantization)):
         for k, v in asdict(obj).items():
             # The parameter count is descriptive: weights_hash already pins the weights.
@@ -250,6 +251,9 @@ def merge_stores(out: str, sources: Sequence[str], *, shards: str = "copy", prog
     bar.close()
 
     vocab = _copy_vocab(stores[0], dst)
+    if manifest.index_order is not None:  # identical in every source (identity); written before the manifest
+        dst.write_bytes_atomic(F.INDEX_ORDER, stores[0].location.read_bytes(F.check_relative_path(manifest.index_order["file"])))
+        manifest.index_order = {**manifest.index_order, "file": F.INDEX_ORDER}
     error_files, dead = _copy_dead_letters(stores, dst)
     report.rows_in = int(len(keep_all))
     report.rows_out = sum(s.rows for s in out_shards)

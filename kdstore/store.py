@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from kdstore import format as F
 from kdstore.errors import CorruptShardError, IncompleteStoreError, StoreFormatError
 from kdstore.fs import Location, resolve
+from kdstore.hashing import file_checksum
 from kdstore.quant import delta_decode, quantizer
 from kdstore.rows import RawRows, _col, _list_parts  # noqa: F401  (RawRows, _list_parts re-exported)
 
@@ -36,7 +37,8 @@ class DecodedRows:
     positions: ``[R+1]`` int64 offsets of each row's positions into the P axis.
     input_ids: ``[P]`` int64 teacher token ids (token level; empty otherwise).
     counts:    ``[P]`` int64 kept entries per position; ``entry_offsets`` ``[P+1]``.
-    indices:   ``[E]`` int64 teacher indices, ascending within each position.
+    indices:   ``[E]`` int64 teacher indices, unique within each position, in storage order
+               (ascending id for ``sorted_delta``, ascending rank for ``rank_delta``).
     probs:     ``[E]`` float32, with ``tail`` ``[P]`` float32 summing to 1 per position.
     label:     ``[R]`` int64 (-100 where the row has none) or None without a label column.
     """
@@ -124,6 +126,36 @@ class Store:
         if table.schema.remove_metadata() != F.VOCAB_SCHEMA.remove_metadata():
             raise StoreFormatError(f"{self.uri}/{rel}: vocabulary schema {table.schema} does not match format v{F.FORMAT_VERSION}")
         return table
+
+    @cached_property
+    def index_order(self) -> np.ndarray | None:
+        """``[V]`` int64 teacher id of each stored rank (``rank_delta`` stores), else None.
+
+        Checked against the manifest's checksum and for being a permutation of ``[0, V)``
+        when first read: every decoded index goes through it.
+        """
+        entry = self.manifest.index_order
+        if entry is None:
+            return None
+        rel = entry["file"]
+        where = f"{self.uri}/{rel}"
+        try:
+            with self.location.fs.open_input_stream(self._inside(F.check_relative_path(rel, source=f"{self.uri}/{F.MANIFEST}"))) as f:
+                data = f.read()
+        except OSError as exc:
+            raise CorruptShardError(f"{where}: cannot read the index order ({exc}); the store is incomplete, re-run the capture") from exc
+        if entry.get("checksum") and file_checksum(data) != entry["checksum"]:
+            raise CorruptShardError(f"{where}: checksum mismatch (manifest {entry['checksum']}, file {file_checksum(data)}); "
+                                    f"the file is corrupt and every index would decode wrong: restore it or re-create the store")
+        try:
+            order = pq.read_table(pa.BufferReader(data)).column("id").to_numpy().astype(np.int64)
+        except (OSError, KeyError, pa.ArrowInvalid) as exc:
+            raise CorruptShardError(f"{where}: not an index order table ({exc}); re-create the store") from exc
+        V = self.manifest.teacher.vocab_size
+        if len(order) != V or not np.array_equal(np.sort(order), np.arange(V)):
+            raise CorruptShardError(f"{where}: not a permutation of the {V} teacher ids; re-create the store")
+        order.setflags(write=False)
+        return order
 
     @cached_property
     def _hash_lookup(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -278,7 +310,8 @@ class Store:
     def decode(self, batch: pa.RecordBatch | pa.Table, *, with_inputs: bool = True, source: str = "") -> DecodedRows:
         """Dequantize a batch of rows (see :class:`DecodedRows`).
 
-        Entries of a position come in ascending teacher-index order (the storage order).
+        Entries of a position come in storage order: ascending teacher index (``sorted_delta``)
+        or ascending rank, most frequent id first (``rank_delta``); never probability order.
         Probabilities are dequantized and, per position, ``probs`` and ``tail`` are scaled
         jointly to sum to 1 (the code's error otherwise leaves the sum slightly off). In
         ``sample`` mode ``probs = counts / samples`` exactly and the returned ``tail`` is 0:
@@ -362,16 +395,21 @@ class Store:
         if len(idx):
             if dup:
                 raise StoreFormatError(f"{where}: a position repeats a kept index (zero gap); the shard is corrupt")
-            top = int(last.max())  # indices ascend within a position
+            top = int(last.max())  # stored indices ascend within a position
             if top >= m.teacher.vocab_size:
                 raise StoreFormatError(
                     f"{where}: index {top} >= teacher vocab size {m.teacher.vocab_size}; the shard is corrupt or from another teacher"
                 )
+        pcodes = raw.pcodes
+        if self.index_order is not None and len(idx):
+            # Ranks -> ids; entries stay in rank order (most frequent id first): re-sorting
+            # by id would cost ~30 ns/entry, more than the rest of the decode.
+            idx = self.index_order[idx]
         if sel.mode == "sample":
-            probs = raw.pcodes.astype(np.float32) / np.float32(sel.samples)
+            probs = pcodes.astype(np.float32) / np.float32(sel.samples)
             tail = np.zeros(n_pos, dtype=np.float32)
         else:
-            probs = self._probs_q.decode(raw.pcodes)
+            probs = self._probs_q.decode(pcodes)
             tail = self._tail_q.decode(raw.tail_codes)
             if fixed_k and n_pos:
                 kept = probs.reshape(n_pos, fixed_k).sum(axis=1, dtype=np.float32)
@@ -420,3 +458,4 @@ def read_dead_letters(store: Store) -> list[dict]:
             if line.strip():
                 out.append(json.loads(line))
     return out
+

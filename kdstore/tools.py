@@ -59,7 +59,7 @@ def summarize(store: Store) -> dict[str, Any]:
         "teacher": asdict(m.teacher),
         "selection": asdict(m.selection),
         "quantization": asdict(m.quantization),
-        "index": {"dtype": m.index_dtype, "coding": m.index_coding},
+        "index": {"dtype": m.index_dtype, "coding": m.index_coding, "order": (m.index_order or {}).get("source")},
         "columns": m.columns,
         "shards": len(store.shards),
         "totals": dict(tot),
@@ -98,7 +98,8 @@ def inspect_main(argv: list[str], prog: str = "kd store inspect") -> int:
         f"format       kdstore v{s['format_version']} ({s['created_by']}, {s['created_at']}), level={s['level']}",
         f"teacher      {t['name_or_path']}  vocab={t['vocab_size']} (padded)  weights={t['weights_hash']}  tokenizer={t['tokenizer_hash']}",
         f"selection    {sel['mode']} {params}",
-        f"quantization probs={q['probs']} tail={q['tail'] or q['probs']} bits={q['bits']}; indices {s['index']['dtype']} {s['index']['coding']}",
+        f"quantization probs={q['probs']} tail={q['tail'] or q['probs']} bits={q['bits']}; indices {s['index']['dtype']} {s['index']['coding']}"
+        + (f" (order from {s['index']['order']})" if s["index"]["order"] else ""),
         f"columns      {', '.join(k for k, v in s['columns'].items() if v) or '(none optional)'}",
         f"shards       {s['shards']}   rows {tot.get('rows', 0):,}   positions {tot.get('tokens', 0):,}   "
         f"kept entries {tot.get('entries', 0):,}   bytes {tot.get('bytes', 0):,}   dead letters {s['dead_letters']}",
@@ -209,7 +210,8 @@ def verify_store(store_or_uri: Store | str, *, progress: bool = False, workers: 
     """Every problem found in a store, each naming the file; empty when the store is sound.
 
     Checks: the manifest (version, fields, relative paths), totals, the vocabulary file
-    (checksum, schema, unique hashes), each shard (exists, byte size, xxh3-128 checksum,
+    (checksum, schema, unique hashes), the index order of a ``rank_delta`` store (checksum,
+    a permutation of the teacher ids), each shard (exists, byte size, xxh3-128 checksum,
     Arrow schema and coding metadata, page CRCs, row/position/entry counts against the
     manifest, structure, index range, token hashes in the vocabulary, probability values),
     and the dead-letter files (exist, record count).
@@ -229,6 +231,11 @@ def verify_store(store_or_uri: Store | str, *, progress: bool = False, workers: 
         problems += _check_vocab(store)
     elif m.level == "token":
         problems.append(f"{root}/{F.MANIFEST}: token-level store without a vocabulary table (token hashes cannot be mapped to ids)")
+    if m.index_order is not None:
+        try:
+            store.index_order  # checksum and permutation, checked when read
+        except (StoreError, OSError) as exc:
+            return problems + [str(exc)]  # every shard's indices decode through it: checking them says no more
     problems += _check_shards(store, workers=workers, progress=progress)
     problems += _check_dead_letters(store)
     listed = {s.file for s in m.shards}

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from kdstore import format as F
-from kdstore.encode import RowEncoder, SoftLabelRow, new_manifest  # noqa: F401  (re-exported)
+from kdstore.encode import RowEncoder, SoftLabelRow, encode_index_order, frequency_order, new_manifest  # noqa: F401  (re-exported)
 from kdstore.errors import StoreFormatError
 from kdstore.fs import Location, resolve
 from kdstore.hashing import CHECKSUM, file_checksum, token_hashes
@@ -286,6 +286,10 @@ class StoreWriter:
     last: a crash leaves a store without manifest, which readers reject as incomplete.
     ``overwrite=True`` replaces an existing (or incomplete) store: its manifest is deleted
     first, so readers never see the old manifest next to new shards.
+    ``index_order``: ``[V]`` teacher id of each rank (frequent ids first, e.g.
+    :func:`kdstore.encode.frequency_order`) for the ``rank_delta`` index coding, which makes
+    kept ids of a large vocabulary cheaper (``docs/format.md``); ``index_order_source``
+    says how it was made (recorded in the manifest).
     """
 
     uri: str
@@ -302,26 +306,33 @@ class StoreWriter:
     compression_level: int = ZSTD_LEVEL
     overwrite: bool = False
     shard_prefix: str = "part"
+    index_order: np.ndarray | None = None
+    index_order_source: dict[str, Any] | None = None
     _buffer: list[SoftLabelRow] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.uri = str(self.uri)
         self.location = resolve(self.uri)
         # Validate everything before touching the filesystem.
+        order_file, order_entry = (None, None)
+        if self.index_order is not None:
+            order_file, order_entry = encode_index_order(self.index_order, source=self.index_order_source)
         self.manifest = new_manifest(
             teacher=self.teacher, selection=self.selection, bits=self.bits, level=self.level,
-            columns=self.columns, pipeline=self.pipeline, scheme=self.scheme,
+            columns=self.columns, pipeline=self.pipeline, scheme=self.scheme, index_order=order_entry,
         )
-        self.encoder = RowEncoder(self.manifest)
+        self.encoder = RowEncoder(self.manifest, index_order=self.index_order)
         old = [F.MANIFEST] if self.location.exists(F.MANIFEST) else []
         old += self.location.list(F.SHARD_DIR) + self.location.list(F.ERROR_DIR)
         if old and not self.overwrite:
             what = "a store" if old[0] == F.MANIFEST else "an incomplete store (shards without a manifest)"
             raise FileExistsError(f"{self.uri}: {what} already exists here; pass overwrite=True to replace it, or choose another path")
         if old:
-            for rel in old + ([F.VOCAB] if self.location.exists(F.VOCAB) else []):
+            for rel in old + [f for f in (F.VOCAB, F.INDEX_ORDER) if self.location.exists(f)]:
                 self.location.fs.delete_file(self.location.join(rel))  # manifest first: see docstring
         self.location.makedirs()
+        if order_file is not None:
+            self.location.write_bytes_atomic(F.INDEX_ORDER, order_file)
         self._shards: list[F.ShardInfo] = []
         self._current: ShardWriter | None = None
         self._vocab: dict[str, Any] | None = None

@@ -34,11 +34,11 @@ from kdstore import format as F
 from kdstore.textio import CorpusError, ReaderSpec, expand_inputs
 from kdstore.errors import StoreFormatError
 from kdstore.lease import StoreLockedError, WriterLease
-from kdstore.writer import new_manifest
+from kdstore.writer import encode_index_order, frequency_order, new_manifest
 from pipelines import sinks
 from pipelines.model_handler import SoftLabelModelHandler
 from pipelines.options import CaptureConfig, parse_args
-from pipelines.progress import token_total
+from pipelines.progress import survey_input
 from pipelines.windows import context_length
 from pipelines.teachers import Teacher, TeacherError, TeacherSpec, load_config, open_teacher
 from pipelines.transforms import (
@@ -63,6 +63,7 @@ class Plan:
     lease: Any = None  # kdstore.lease.WriterLease held for the run (release() when it ends)
     token_total: int | None = None  # teacher positions to run (progress bar total)
     token_total_exact: bool = True
+    index_order: Any = None  # [V] teacher id of each rank (rank_delta stores), else None
 
     @property
     def level(self) -> str:
@@ -88,23 +89,32 @@ def plan_capture(cfg: CaptureConfig, *, runner: str = "", local_mode: str | None
                                          "runner": runner or LOCAL_RUNNER, "local_mode": local_mode,
                                          "input_files": len(files), "inputs": sinks.input_fingerprint(files),
                                          **teacher.pipeline}
-    manifest = new_manifest(teacher=info, selection=selection, bits=cfg.quant_bits, level=level, columns=columns,
-                            pipeline=pipeline_opts, scheme=cfg.prob_code)
     reader = cfg.reader_spec(num_classes=info.vocab_size if level == "sequence" else None)
+    ranked = cfg.index_order == "frequency" and level == "token"
+    survey = None
+    if cfg.progress or ranked:
+        survey = survey_input(files, reader=reader, encoder=teacher.encoder.load(), spec=wspec, dedupe=cfg.dedupe,
+                              count_ids=ranked)
+    order = order_file = order_entry = None
+    if ranked:
+        order = frequency_order(survey.id_counts[: info.vocab_size], info.vocab_size)
+        order_file, order_entry = encode_index_order(order, source={
+            "counts": "input token ids", "tokens": survey.counted_tokens, "chars": survey.counted_chars})
+    manifest = new_manifest(teacher=info, selection=selection, bits=cfg.quant_bits, level=level, columns=columns,
+                            pipeline=pipeline_opts, scheme=cfg.prob_code, index_order=order_entry)
     # One writer at a time: the lease is taken before the store is touched (kdstore.lease).
     lease = WriterLease.acquire(cfg.output, command=f"kd cache ({runner or LOCAL_RUNNER})", break_stale=cfg.break_lock)
     try:
         loc, resume, vocab_entry = sinks.prepare_output(cfg.output, manifest, teacher.vocab, resume=cfg.resume,
-                                                        overwrite=cfg.overwrite)
+                                                        overwrite=cfg.overwrite, index_order=order_file)
         total, exact = (None, True)
         if cfg.progress:
-            total, exact = token_total(files, reader=reader, encoder=teacher.encoder.load(), spec=wspec, dedupe=cfg.dedupe,
-                                       stored_tokens=sum(s.tokens for s in resume.shards))
+            total, exact = max(0, survey.tokens - sum(s.tokens for s in resume.shards)), survey.exact
     except BaseException:
         lease.release()
         raise
     return Plan(config=cfg, files=files, teacher=teacher, manifest=manifest, vocab_entry=vocab_entry, resume=resume,
-                reader=reader, lease=lease, token_total=total, token_total_exact=exact)
+                reader=reader, lease=lease, token_total=total, token_total_exact=exact, index_order=order)
 
 
 def _resolve_max_length(cfg: CaptureConfig, teacher: Teacher) -> None:

@@ -22,13 +22,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from kdstore.errors import StoreFormatError
 from kdstore.format import Selection, TeacherInfo
 from kdstore.textio import DeadLetter, Record, dedupe, iter_records, parse_text_line
-from kdstore.writer import StoreWriter
+from kdstore.writer import StoreWriter, frequency_order
 from pipelines.capture import plan_capture
 from pipelines.inference import BatchSpec, TeacherRunner
-from pipelines.options import CaptureConfig
+from pipelines.options import INDEX_ORDERS, CaptureConfig
 from pipelines.sinks import CAPTURE_SIDECAR, to_row
 from pipelines.teachers import EncoderSpec, TeacherModel, TeacherSpec, byte_len_of_id, hash_of_id, vocabulary
 from pipelines.windows import WindowSpec, make_windows
@@ -54,6 +56,7 @@ def _capture(cfg: CaptureConfig, plan, t0: float) -> dict[str, Any]:
         cfg.output, teacher=tmpl.teacher, selection=tmpl.selection, bits=cfg.quant_bits, level=plan.level,
         columns=tmpl.columns, pipeline=tmpl.pipeline, row_group_rows=cfg.row_group_rows,
         shard_bytes=cfg.shard_bytes, overwrite=True, scheme=cfg.prob_code,
+        index_order=plan.index_order, index_order_source=(tmpl.index_order or {}).get("source"),
     )
     writer.write_vocab(plan.teacher.vocab)
     with writer:
@@ -83,6 +86,7 @@ def cache_with_model(
     progress: bool = False,
     device: str = "cpu",
     store_text: bool = False,
+    index_order: str = "frequency",
 ) -> dict[str, dict[str, Any]]:
     """Capture ``texts`` with an in-memory causal LM into one store per ``{uri: Selection}``.
 
@@ -95,7 +99,9 @@ def cache_with_model(
     batch. The stores' vocabulary is :func:`pipelines.teachers.vocabulary` (token bytes
     from :func:`kdstore.tokenizer.vocab_table`, so byte-level BPE ``Ġ`` is a space).
     Returns ``{uri: {"rows", "tokens", "seconds"}}``; ``seconds`` is the shared teacher
-    forward time plus that store's own selection and encoding time.
+    forward time plus that store's own selection and encoding time. ``index_order``: as
+    ``kd cache --index-order`` (``frequency``: ids stored by their rank in the counts of
+    ``texts``' tokens; ``id``: as they are).
     """
     import torch  # noqa: PLC0415
 
@@ -111,16 +117,19 @@ def cache_with_model(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     runner = TeacherRunner(teacher=TeacherSpec(path=path, level="token"), selection=sels[0], pad_id=int(pad),
                            batch=BatchSpec(), model=TeacherModel.of_hf(model), progress=progress)
+    encoder = EncoderSpec(kind="tokenizers", source=tokenizer.backend_tokenizer.to_str())
+    order, order_source = _text_index_order(encoder, texts, info.vocab_size, index_order)
     writers = [StoreWriter(uri, teacher=info, selection=sel, bits=bits, overwrite=overwrite, shard_bytes=shard_bytes,
                            columns={"text": True, "offsets": True} if store_text else None,
-                           pipeline={"tool": "pipelines.plain.cache_with_model", "max_length": max_length})
+                           pipeline={"tool": "pipelines.plain.cache_with_model", "max_length": max_length},
+                           index_order=order, index_order_source=order_source)
                for uri, sel in stores.items()]
     for w in writers:
         w.write_vocab(vocab)
     records = (parse_text_line(t.encode("utf-8"), f"<texts>:{i + 1}") for i, t in enumerate(texts))
     try:
         counts = _capture_loop(
-            records, encoder=EncoderSpec(kind="tokenizers", source=tokenizer.backend_tokenizer.to_str()),
+            records, encoder=encoder,
             spec=WindowSpec(max_length=max_length, overflow="window", store_text=store_text, offsets=store_text), runner=runner,
             writers=writers, vocab=vocab, batch_tokens=batch_size * max_length, dedupe_ids=True, selections=sels,
         )
@@ -214,6 +223,23 @@ def _capture_loop(
     if pending:
         run_batch()
     return counts
+
+
+def _text_index_order(encoder: EncoderSpec, texts: Sequence[str], vocab_size: int, how: str):
+    """``(order, source)`` for :class:`StoreWriter` from the token counts of ``texts``."""
+    if how not in INDEX_ORDERS:
+        raise ValueError(f"index_order must be one of {INDEX_ORDERS}, got {how!r}")
+    if how == "id":
+        return None, None
+    enc, counts, tokens = encoder.load(), np.zeros(vocab_size, np.int64), 0
+    texts = list(dict.fromkeys(texts))  # each stored sample once, as the capture stores it (and kd cache counts it)
+    for s in range(0, len(texts), 1024):
+        ids, _ = enc.encode(list(texts[s:s + 1024]), offsets=False)
+        flat = np.concatenate([np.asarray(x, np.int64) for x in ids]) if ids else np.zeros(0, np.int64)
+        counts += np.bincount(flat[flat < vocab_size], minlength=vocab_size)[:vocab_size]
+        tokens += len(flat)
+    return frequency_order(counts, vocab_size), {"counts": "input token ids", "tokens": tokens,
+                                                 "chars": sum(len(t) for t in texts)}
 
 
 def store_bytes_per_token(uri: str | Path) -> float:

@@ -1,4 +1,5 @@
-"""The teacher-token total for the capture's progress bar (so it shows a percentage and ETA).
+"""Driver-side survey of the input: the teacher-token total for the capture's progress bar
+(so it shows a percentage and ETA) and the input token counts behind the index order.
 
 The driver counts the positions the teacher will run: every input record is tokenized and
 windowed exactly as the pipeline does (same reader, de-duplication and windowing), minus
@@ -10,7 +11,10 @@ the positions already stored by a resumed run. Tokenizing is cheap next to the t
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
+
+import numpy as np
 
 from kdstore.textio import CorpusError, ReaderSpec, Record, iter_file
 from pipelines.windows import WindowSpec, window_starts
@@ -29,10 +33,32 @@ def window_tokens(n: int, spec: WindowSpec) -> int:
     return sum(min(s + L, n) - s for s in window_starts(n, L, spec.step))
 
 
-def token_total(files: Sequence[str], *, reader: ReaderSpec, encoder, spec: WindowSpec, dedupe: bool,
-                stored_tokens: int = 0, budget_bytes: int = BUDGET_BYTES) -> tuple[int, bool]:
-    """``(positions still to run, exact)``; ``exact`` is False when extrapolated.
-    ``encoder``: the teacher's text encoder (``EncoderSpec.load()``, as the workers use)."""
+@dataclass
+class InputSurvey:
+    """What one driver-side pass over the input found (:func:`survey_input`).
+
+    ``tokens``: teacher positions the capture runs (extrapolated by file size when not
+    ``exact``); ``id_counts``: ``[tokenizer vocab]`` occurrences of each input token id over
+    the surveyed text (None when not asked for); ``counted_tokens`` / ``counted_chars``: how
+    much text (tokens, characters) they come from.
+    """
+
+    tokens: int
+    exact: bool
+    id_counts: np.ndarray | None = None
+    counted_tokens: int = 0
+    counted_chars: int = 0
+
+
+def survey_input(files: Sequence[str], *, reader: ReaderSpec, encoder, spec: WindowSpec, dedupe: bool,
+                 count_ids: bool = False, budget_bytes: int = BUDGET_BYTES) -> InputSurvey:
+    """One pass over (the first ``budget_bytes`` of) the input, tokenized as the workers do.
+
+    ``encoder``: the teacher's text encoder (``EncoderSpec.load()``). ``count_ids``: also
+    count input token ids, from which the ``rank_delta`` index order is made (frequent ids
+    first; :func:`kdstore.encode.frequency_order`). The survey is a pure function of the
+    input files, so a resumed run finds the same order.
+    """
     from kdstore.fs import resolve  # noqa: PLC0415
 
     sizes = []
@@ -40,13 +66,18 @@ def token_total(files: Sequence[str], *, reader: ReaderSpec, encoder, spec: Wind
         loc = resolve(f)
         sizes.append(max(0, loc.fs.get_file_info(loc.root).size or 0))
     seen: set[str] = set()
-    total = read_bytes = 0
-    done_size = 0
+    out = InputSurvey(tokens=0, exact=True)
+    counts: list[np.ndarray] = []
+    read_bytes = done_size = 0
     buf: list[str] = []
 
     def flush() -> int:
         ids, _ = encoder.encode(buf, offsets=False)
         buf.clear()
+        if count_ids and ids:
+            flat = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
+            counts.append(np.bincount(flat, minlength=1))
+            out.counted_tokens += len(flat)
         return sum(window_tokens(len(x), spec) for x in ids)
 
     for f, size in zip(files, sizes):
@@ -60,12 +91,21 @@ def token_total(files: Sequence[str], *, reader: ReaderSpec, encoder, spec: Wind
                 buf.append(item.text)
                 read_bytes += len(item.text)
                 if len(buf) >= 1024:
-                    total += flush()
+                    out.tokens += flush()
         except CorpusError:
-            return 0, False  # the pipeline reports the file; the bar just has no total
-        total += flush() if buf else 0
+            # The pipeline reports the file; the bar has no total, the order uses what was read.
+            buf.clear()
+            out.tokens, out.exact = 0, False
+            break
+        out.tokens += flush() if buf else 0
         done_size += size
-    exact = done_size == sum(sizes)
-    if not exact and done_size:
-        total = int(total * sum(sizes) / done_size)
-    return max(0, total - stored_tokens), exact
+    if out.exact:
+        out.exact = done_size == sum(sizes)
+        if not out.exact and done_size:
+            out.tokens = int(out.tokens * sum(sizes) / done_size)
+    if count_ids:
+        n = max((len(c) for c in counts), default=0)
+        out.id_counts = sum((np.pad(c, (0, n - len(c))) for c in counts), np.zeros(n, np.int64))
+        out.counted_chars = read_bytes  # characters: len() of the decoded text
+    return out
+

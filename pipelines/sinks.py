@@ -103,6 +103,7 @@ def _template_fingerprint(m: F.Manifest) -> dict[str, Any]:
         "teacher": {k: v for k, v in asdict(m.teacher).items() if k not in ("name_or_path", "revision")},
         "selection": asdict(m.selection), "quantization": asdict(m.quantization), "level": m.level,
         "columns": m.columns, "windowing": window, "input": m.pipeline.get("inputs"),
+        "index": {"coding": m.index_coding, "order": (m.index_order or {}).get("checksum")},
     }
 
 
@@ -137,8 +138,10 @@ def _differences(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
     return out
 
 
-def prepare_output(uri: str, manifest: F.Manifest, vocab: pa.Table, *, resume: bool, overwrite: bool) -> tuple[Location, ResumeState, dict]:
-    """Create/validate the output; write ``vocab.parquet`` and the sidecar; scan for resume.
+def prepare_output(uri: str, manifest: F.Manifest, vocab: pa.Table, *, resume: bool, overwrite: bool,
+                   index_order: bytes | None = None) -> tuple[Location, ResumeState, dict]:
+    """Create/validate the output; write ``vocab.parquet`` (and ``index_order``: the bytes of
+    the manifest's ``index_order`` file), then the sidecar; scan for resume.
 
     Returns ``(location, resume_state, vocab_entry)``. Raises :class:`OutputExistsError` if
     a store exists and neither flag was given, and :class:`StoreFormatError` if a resumed
@@ -155,7 +158,7 @@ def prepare_output(uri: str, manifest: F.Manifest, vocab: pa.Table, *, resume: b
             f"{uri}: a store (or a partial one) is already here; pass --resume to continue it or --overwrite to replace it"
         )
     if existing and overwrite:
-        for rel in loc.list(F.SHARD_DIR) + loc.list(F.ERROR_DIR) + loc.list(SHARD_RECORD_DIR) + [F.MANIFEST, F.VOCAB, CAPTURE_SIDECAR]:
+        for rel in loc.list(F.SHARD_DIR) + loc.list(F.ERROR_DIR) + loc.list(SHARD_RECORD_DIR) + [F.MANIFEST, F.VOCAB, F.INDEX_ORDER, CAPTURE_SIDECAR]:
             if loc.exists(rel):
                 loc.fs.delete_file(loc.join(rel))
     loc.makedirs()
@@ -164,6 +167,8 @@ def prepare_output(uri: str, manifest: F.Manifest, vocab: pa.Table, *, resume: b
         state = scan_shards(loc, manifest)
     loc.write_bytes_atomic(CAPTURE_SIDECAR, json.dumps({"template": json.loads(manifest.to_json())}, indent=1).encode())
     vocab_entry = write_vocab(loc, vocab)
+    if index_order is not None:
+        loc.write_bytes_atomic(F.INDEX_ORDER, index_order)
     return loc, state, vocab_entry
 
 
@@ -328,3 +333,21 @@ def finalize_store(
     if loc.exists(CAPTURE_SIDECAR):
         loc.fs.delete_file(loc.join(CAPTURE_SIDECAR))
     return m
+
+
+def read_vocab(uri: str) -> pa.Table:
+    """The store's ``vocab.parquet`` (the driver wrote it before the pipeline started)."""
+    loc = resolve(uri)
+    return pq.read_table(loc.join(F.VOCAB), filesystem=loc.fs)
+
+
+def read_index_order(uri: str, manifest: F.Manifest) -> np.ndarray | None:
+    """The ``[V]`` id of each rank the driver wrote for a ``rank_delta`` store (else None),
+    checked against the template's checksum: a worker must encode with the driver's order."""
+    if manifest.index_order is None:
+        return None
+    data = resolve(uri).read_bytes(F.INDEX_ORDER)
+    if file_checksum(data) != manifest.index_order["checksum"]:
+        raise StoreFormatError(f"{uri}/{F.INDEX_ORDER}: not the index order this capture's driver wrote (checksum); "
+                               f"another run is writing this store? Re-run the capture")
+    return pq.read_table(pa.BufferReader(data)).column("id").to_numpy()

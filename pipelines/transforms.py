@@ -132,7 +132,7 @@ class _WindowDoFn(beam.DoFn):
         # The teacher's text encoder (for HF teachers the backend tokenizer from its JSON: no
         # transformers import on this worker).
         self._enc = self._encoder.load()
-        self._byte_len = byte_len_of_id(_read_vocab(self._store_uri)) if self._spec.offsets else None
+        self._byte_len = byte_len_of_id(sinks.read_vocab(self._store_uri)) if self._spec.offsets else None
         self._done = None
         if self._resume_shards:
             # One copy of the stored keys per process, shared by the DoFn instances of its threads.
@@ -183,13 +183,6 @@ class _Keys:
 
     def __init__(self, keys: np.ndarray) -> None:
         self.keys = keys
-
-
-def _read_vocab(uri: str):
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    loc = resolve(uri)
-    return pq.read_table(loc.join(F.VOCAB), filesystem=loc.fs)
 
 
 class Tokenize(beam.PTransform):
@@ -246,8 +239,8 @@ class _WriteShardsDoFn(beam.DoFn):
 
         self._loc = resolve(self._uri)
         self._manifest = F.Manifest.from_json(self._manifest_json)
-        self._encoder = RowEncoder(self._manifest)
-        self._hash_of_id = hash_of_id(_read_vocab(self._uri))
+        self._encoder = RowEncoder(self._manifest, index_order=sinks.read_index_order(self._uri, self._manifest))
+        self._hash_of_id = hash_of_id(sinks.read_vocab(self._uri))
         self._prefix = f"part-{uuid.uuid4().hex[:8]}"
         self._ratio = 0.5  # encoded bytes per raw array byte; updated from each written row group
         self._footer = 4096  # bytes a shard's close adds (Parquet footer with the schema); learnt at each close

@@ -110,6 +110,7 @@ def test_resume_quarantines_a_corrupt_shard_and_redoes_its_samples(tmp_path, tea
     (lambda a, c: a + ["--input", c["glob"], "--max-length", "40"], "windowing.max_length"),
     (lambda a, c: a + ["--input", c["glob"], "--quant-bits", "16"], "quantization.bits"),
     (lambda a, c: a + ["--input", c["glob"], "--select", "top_p"], "selection.mode"),
+    (lambda a, c: a + ["--input", c["glob"], "--index-order", "id"], "index.coding"),
 ])
 def test_resume_refuses_a_changed_input_or_setting(tmp_path, teacher, corpus, topk_store, change, named):
     uri, _ = topk_store

@@ -1,4 +1,4 @@
-"""Golden test of format v1: a tiny store with fixed content. Any change to the on-disk
+"""Golden test of format v2 (a ``sorted_delta`` store, the default coding): a tiny store with fixed content. Any change to the on-disk
 schema, encodings, metadata, manifest fields, hashes or quantized codes fails here; such a
 change needs a new FORMAT_VERSION (docs/format.md, "Versioning")."""
 
@@ -21,10 +21,10 @@ from _storeutil import vocab
 V = 300
 
 
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory):
+def golden_rows() -> list[SoftLabelRow]:
+    """Two rows with fixed content (also stored by ``tests/test_store_rank.py`` in the other coding)."""
     h = vocab(V).column("hash").to_numpy()
-    rows = [
+    return [
         SoftLabelRow(sample_id=sample_id("ab c", "doc-1"), tokens=h[[5, 7]], counts=np.array([3, 3]),
                      indices=np.array([17, 3, 299, 0, 1, 2]), probs=np.array([0.5, 0.25, 0.125, 0.9, 0.05, 0.001]),
                      tail=np.array([0.125, 0.049]), text="ab c", byte_start=np.array([0, 2]), byte_end=np.array([2, 4]), label=1),
@@ -32,13 +32,23 @@ def golden(tmp_path_factory):
                      probs=np.array([1e-3, 1e-5, 0.99]), tail=np.array([0.00899]), window=1, token_start=512,
                      text="d", byte_start=np.array([0]), byte_end=np.array([1]), label=None),
     ]
-    path = tmp_path_factory.mktemp("golden") / "store"
+
+
+def write_golden(path, rows, *, selection=None, **kw) -> kdstore.Store:
+    """``rows`` in a store of the golden teacher and columns; ``kw`` go to :class:`StoreWriter`."""
     teacher = TeacherInfo(name_or_path="golden-teacher", vocab_size=V, weights_hash="w", tokenizer_hash="t",
                           tokenizer_vocab_size=298, revision="r1", architecture="LlamaForCausalLM", num_parameters=1000)
-    with StoreWriter(str(path), teacher=teacher, selection=Selection(mode="topk", k=3),
-                     columns={"text": True, "offsets": True, "label": True}, pipeline={"max_length": 2}) as w:
+    with StoreWriter(str(path), teacher=teacher, selection=selection or Selection(mode="topk", k=3),
+                     columns={"text": True, "offsets": True, "label": True}, pipeline={"max_length": 2}, **kw) as w:
         w.write_vocab(vocab(V))
         w.write(rows)
+    return kdstore.open(str(path))
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    path = tmp_path_factory.mktemp("golden") / "store"
+    write_golden(path, golden_rows())
     return path
 
 
@@ -69,11 +79,12 @@ def test_manifest(golden):
         "columns": {"text": True, "offsets": True, "label": True},
         "index_dtype": "uint16",
         "index_coding": "sorted_delta",
+        "index_order": None,
         "hashes": {"tokens": "xxh3_64", "sample_id": "xxh3_64(source_id + '\\x00' + text, utf-8), 16 hex digits", "checksum": "xxh3_128"},
         "created_by": f"kdstore {kdstore.__version__}",
         "pipeline": {"max_length": 2},
         "format": "kdstore",
-        "format_version": 1,
+        "format_version": 2,
     }
 
 
@@ -88,7 +99,7 @@ def test_shard_schema_and_encodings(golden):
         ("byte_start", "uint32", "list", True), ("byte_end", "uint32", "list", True), ("label", "int64", "", True),
     ]
     assert pf.schema_arrow.metadata == {
-        b"kdstore.format_version": b"1", b"kdstore.index_coding": b"sorted_delta", b"kdstore.probs": b"sqrt8",
+        b"kdstore.format_version": b"2", b"kdstore.index_coding": b"sorted_delta", b"kdstore.probs": b"sqrt8",
         b"kdstore.tail": b"sqrt8", b"kdstore.vocab_size": b"300",
     }
     physical = {pf.schema.column(i).path: (pf.schema.column(i).physical_type, str(pf.schema.column(i).logical_type))
