@@ -60,10 +60,11 @@ def _vocab(v: int) -> pa.Table:
 
 
 def write_kdstore(t: Teacher, k: int, bits: int, path: Path, *, scheme: str = "sqrt", hashes: np.ndarray,
-                  index_order: np.ndarray | None = None) -> kdstore.Store:
+                  index_order: np.ndarray | None = None, row_group_rows: int | None = None) -> kdstore.Store:
     n = len(t.tokens)
     with StoreWriter(str(path), teacher=TeacherInfo(name_or_path="bench", vocab_size=t.vocab), selection=Selection(mode="topk", k=k),
-                     bits=bits, scheme=scheme, overwrite=True, index_order=index_order) as w:
+                     bits=bits, scheme=scheme, overwrite=True, index_order=index_order,
+                     **({"row_group_rows": row_group_rows} if row_group_rows else {})) as w:
         w.write_vocab(_vocab(t.vocab))
         for r, s in enumerate(range(0, n, ROW_LEN)):
             e = min(s + ROW_LEN, n)

@@ -203,7 +203,8 @@ class SoftLabelDataset(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         first = self.start_batch + wid
         order, last_use = self._shard_plan(rows, n_batches, first, nw)
-        loader = _ShardPrefetcher(self._load_shard, order, ahead=max(1, self.shuffle_block))
+        need = self._rows_needed(rows, n_batches, first, nw)
+        loader = _ShardPrefetcher(lambda s: self._load_shard(s, need[s]), order, ahead=max(1, self.shuffle_block))
         try:
             for n, j in enumerate(range(first, n_batches, nw)):
                 ids = rows[j * self.batch_size : (j + 1) * self.batch_size]
@@ -242,6 +243,19 @@ class SoftLabelDataset(IterableDataset):
         order = used[np.lexsort((used, first_n))]
         return order.tolist(), dict(zip(used.tolist(), last_n.tolist()))
 
+    def _rows_needed(self, rows: np.ndarray, n_batches: int, first: int, step: int) -> dict[int, np.ndarray]:
+        """Shard-local rows each shard must provide to this worker's batches (a worker
+        reads only the row groups holding them; with W workers that is ~1/W of a shard)."""
+        if first >= n_batches:
+            return {}
+        b = np.arange(len(rows), dtype=np.int64) // self.batch_size
+        mine = rows[(b >= first) & (b < n_batches) & ((b - first) % step == 0)]
+        shard = np.searchsorted(self._offsets, mine, side="right") - 1
+        o = np.argsort(shard, kind="stable")
+        shard, local = shard[o], mine[o] - self._offsets[shard[o]]
+        cut = np.flatnonzero(np.diff(shard)) + 1
+        return {int(g[0]): l for g, l in zip(np.split(shard, cut), np.split(local, cut)) if len(g)}
+
     def _decode_rows(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> DecodedRows:
         """Decode the rows ``ids`` (global row ids, in shards ``shard_of``) of one batch.
 
@@ -250,7 +264,8 @@ class SoftLabelDataset(IterableDataset):
         """
         parts, files = [], []
         for s in np.unique(shard_of):
-            parts.append((get_shard(int(s)), ids[shard_of == s] - self._offsets[s]))
+            raw = get_shard(int(s))
+            parts.append((raw, raw.row_map[ids[shard_of == s] - self._offsets[s]]))
             files.append(self.store.shards[int(s)].file)
         raw = RawRows.gather(parts, fixed_k=self._fixed_k)
         return self.store.decode_raw(raw, source=f" (batch from {', '.join(files)})")
@@ -264,19 +279,21 @@ class SoftLabelDataset(IterableDataset):
         from kdstore.align.sequence import offset_lists  # noqa: PLC0415
 
         d = self._decode_rows(ids, shard_of, get_shard)
-        texts = pa.concat_tables([get_shard(int(s)).text_columns.take(pa.array(ids[shard_of == s] - self._offsets[s]))
+        texts = pa.concat_tables([get_shard(int(s)).text_columns.take(pa.array(get_shard(int(s)).row_map[ids[shard_of == s] - self._offsets[s]]))
                                   for s in np.unique(shard_of)])
         where = f"{self.store.uri} (batch of {len(ids)} rows)"
         tx, off, bs, be = offset_lists(texts, where)
         rows = self.sequence.align_decoded(d, tx, off, bs, be, where=where)
         return collate_aligned(rows, pad_id=getattr(self.sequence, "pad_id", 0))
 
-    def _load_shard(self, i: int) -> RawRows:
-        """Undecoded rows of shard ``i``: codes stay in their stored width (about 3 B per kept
-        entry in memory); token hashes are mapped to ids once per shard."""
+    def _load_shard(self, i: int, rows: np.ndarray) -> RawRows:
+        """Undecoded rows of the row groups of shard ``i`` that hold the shard-local ``rows``
+        (``raw.row_map``: shard row -> row of ``raw``): codes stay in their stored width
+        (about 3 B per kept entry in memory); token hashes are mapped to ids once per load."""
         source = f"/{self.store.shards[i].file}"
-        table = self.store.read_shard(i, columns=self._columns)
+        table, row_map = self.store.read_row_groups(i, rows, columns=self._columns)
         raw = self.store.raw(table, source=source)
+        raw.row_map = row_map
         if self.sequence is not None:
             raw.text_columns = table.select(list(_TEXT_COLUMNS))  # read with the shard, taken per batch
         if raw.tokens is not None:

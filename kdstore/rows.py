@@ -31,6 +31,8 @@ class RawRows:
     tokens: np.ndarray | None = None
     label: np.ndarray | None = None
     tokens_are_ids: bool = False
+    # Set by a partial read (``Store.read_row_groups``): shard row -> row here, -1 if not read.
+    row_map: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:

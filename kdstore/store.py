@@ -252,6 +252,39 @@ class Store:
             raise CorruptShardError(f"{self.uri}/{shard.file}: {table.num_rows} rows but the manifest says {shard.rows}; the shard does not belong to this manifest")
         return table
 
+    def read_row_groups(self, i: int, rows: np.ndarray, *, columns: Sequence[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+        """Read only the row groups of shard ``i`` that hold the shard-local ``rows``.
+
+        Returns ``(table, row_map)``: the table of those row groups (in file order) and
+        ``row_map [shard rows]`` int64, the table row of each shard row (-1 where its row
+        group was not read). Decoding is multi-threaded in pyarrow (per column chunk).
+        """
+        shard = self.shards[i]
+        pf = self.open_shard(i)
+        md = pf.metadata
+        sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)], dtype=np.int64)
+        starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        if starts[-1] != shard.rows:
+            raise CorruptShardError(f"{self.uri}/{shard.file}: {int(starts[-1])} rows but the manifest says {shard.rows}; the shard does not belong to this manifest")
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= shard.rows):
+            raise IndexError(f"{self.uri}/{shard.file}: row {int(rows.max())} outside the shard's {shard.rows} rows")
+        groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+        try:
+            table = pf.read_row_groups(groups.tolist(), columns=self._existing(columns), use_threads=True)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise CorruptShardError(
+                f"{self.uri}/{shard.file}: cannot decode shard ({exc}); it is corrupt — "
+                f"run 'kd store verify {self.uri}' and re-run the capture with --resume"
+            ) from exc
+        row_map = np.full(shard.rows, -1, dtype=np.int64)
+        at = 0
+        for g in groups.tolist():
+            row_map[starts[g]:starts[g + 1]] = np.arange(at, at + sizes[g])
+            at += int(sizes[g])
+        return table, row_map
+
     def iter_batches(self, *, columns: Sequence[str] | None = None, shards: Sequence[int] | None = None, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
         """Stream record batches shard by shard (bounded memory)."""
         cols = self._existing(columns)
