@@ -13,6 +13,8 @@ trained in this process, arm after arm, ``--seeds`` seeds each, same steps/batch
   group closes.
 * ``xtok groups``: the same plus the 1:n group targets (``kdstore.align.groups``).
 * ``xtok chain (GOLD)``: groups merged by the chain rule, generalised KL.
+* ``xtok path (n:1)``: boundary targets where the mass of a realized multi-token teacher path
+  moves onto the student token that spells it (n:1 groups; ``docs/alignment.md`` §6.3).
 * ``ULD``: Wasserstein-1 between sorted probabilities over the stored top-k, no vocabulary map.
 
 Recovery = (bpc CE own - bpc arm) / (bpc CE teacher - bpc KD teacher). Also the share of
@@ -20,13 +22,14 @@ student positions with a target, before (boundary) and after (groups). The secti
 ``docs/benchmarks.md`` is rewritten after every pair, so a cut-short run keeps what it has;
 runs already in ``--work``/results.json are reused (re-run to continue).
 
-    python bench/xtok_bench.py [--pairs unigram,wordpiece,bpe] [--seeds 3] [--steps 150] [--budget-min 30]
+    python bench/xtok_bench.py [--pairs unigram,wordpiece,bpe] [--seeds 3] [--arms ce_own,boundary] [--steps 150] [--budget-min 30]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -39,7 +42,7 @@ from bench._report import markdown_table, write_section  # noqa: E402
 
 PAIRS = {"unigram": ("unigram", 8000), "wordpiece": ("wordpiece", 8000), "bpe": ("bpe", 8000)}
 XARMS = [("ce_own", "CE (own tok.)"), ("boundary", "xtok boundary"), ("groups", "xtok groups"),
-         ("chain", "xtok chain (GOLD)"), ("uld", "ULD")]
+         ("chain", "xtok chain (GOLD)"), ("path", "xtok path (n:1)"), ("uld", "ULD")]
 
 
 def capture(teacher_dir: Path, uri: Path, *, docs: int) -> None:
@@ -84,7 +87,7 @@ def run_arm(args, store_uri: Path, tok_dir: Path, arm: str, seed: int, out: Path
 
     kd = 0.0 if arm.startswith("ce") else args.kd_weight
     extra = {}
-    if arm in ("boundary", "groups", "chain"):
+    if arm in ("boundary", "groups", "chain", "path"):
         extra = {"xtok_targets": arm, "align": str(align_file)}
     elif arm == "uld":
         extra = {"kd_loss": "uld"}
@@ -104,15 +107,18 @@ def _stats(vals: list[float]) -> tuple[float, float]:
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def report(args, results: dict, shares: dict, wall: float) -> str:
+def report(args, results: dict, shares: dict, wall: float, loads: tuple[float, float]) -> str:
     ref = {a: [r["bpc"] for k, r in results.items() if k.startswith(f"teacher/{a}/")] for a in ("ce", "kd")}
     lines = []
+    seeds = sorted({int(k.rsplit("/", 1)[1]) for k in results})
     sizes = (f"Sizes: store = first {args.docs} People's Daily train documents (top-k 32, 8-bit, text + byte offsets); "
              f"student `{args.student}`, {args.steps} steps x batch {args.batch_size} rows, lr 2e-3 (embeddings x30), "
-             f"kd_weight {args.kd_weight} (CE arms 0), seeds {list(range(args.seeds))}; held-out = the first "
+             f"kd_weight {args.kd_weight} (CE arms 0), seeds {seeds}; held-out = the first "
              f"{args.eval_docs} validation documents, bits per character of the scored text on each student's own "
-             f"tokenization (`trainer.lm.evaluate.bits_per_char`). The machine was shared (load average well above "
-             f"its 2 cores): times are not comparable, bits/char are.")
+             f"tokenization (`trainer.lm.evaluate.bits_per_char`). Load average {loads[0]:.1f} at the start of this "
+             f"invocation, {loads[1]:.1f} at the end (2 cores): "
+             + ("the machine was idle." if max(loads) < 1.5 else "the machine was shared; times are not comparable, "
+                "bits/char are."))
     lines.append(sizes + "\n")
     if not ref["ce"] or not ref["kd"]:
         return "\n".join(lines + ["(no same-tokenizer reference yet)"])
@@ -130,17 +136,21 @@ def report(args, results: dict, shares: dict, wall: float) -> str:
             if not arms[a]:
                 continue
             m, sd = _stats(arms[a])
-            rec = "" if a == "ce_own" else f"{100 * (ce_own - m) / gain:.0f} %"
+            rec = ""
+            if a != "ce_own":
+                # standard error of the recovery from the two arms' seed spread (the reference's left out)
+                se = (_stats(arms["ce_own"])[1] ** 2 / len(arms["ce_own"]) + sd ** 2 / len(arms[a])) ** 0.5 / gain
+                rec = f"{100 * (ce_own - m) / gain:.0f} % (± {100 * se:.0f})"
             rows.append([f"BPE 4k -> {pair} 8k", label, len(arms[a]), round(m, 4), round(sd, 4), rec])
-    lines.append(markdown_table(["pair", "arm", "seeds", "bits/char (mean)", "sd", "recovery of the same-tok. KD gain"], rows))
+    lines.append(markdown_table(["pair", "arm", "seeds", "bits/char (mean)", "sd", "recovery of the same-tok. KD gain (± se)"], rows))
     if shares:
         lines.append("\nShare of student positions (inside the stored windows) with a teacher target:\n")
         lines.append(markdown_table(["pair", "boundary rule (before)", "+ 1:n group targets (after)", "tokens in 1:n groups"],
                                     [[p, f"{100 * s['boundary']:.1f} %", f"{100 * s['groups']:.1f} %", f"{100 * s['in_1:n']:.1f} %"]
                                      for p, s in shares.items()]))
     run_s = sum(r["seconds"] for r in results.values())
-    lines.append(f"\nTraining runs: {len(results)}, {run_s / 60:.0f} min of run time in total (several runs were in "
-                 f"parallel processes on the shared machine; this invocation took {wall / 60:.1f} min).")
+    lines.append(f"\nTraining runs: {len(results)} ({run_s / 60:.0f} min of run time in total, over the invocations that "
+                 f"filled `{args.work}/results.json`; this one took {wall / 60:.1f} min).")
     return "\n".join(lines)
 
 
@@ -150,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only-seeds", default="", help="comma list: run just these seeds (e.g. a second process); "
                     "merge its results.json into the main one and re-run to write the report")
+    ap.add_argument("--arms", default="", help="comma list: run just these arms (e.g. ce_own,boundary for more seeds "
+                    "of the default); the report shows every arm in results.json")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--docs", type=int, default=800, help="train documents captured into the store")
@@ -166,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [p for p in args.pairs if p not in PAIRS]
     if bad:
         ap.error(f"unknown pair(s) {bad}; choose from {list(PAIRS)}")
+    args.arms = [a for a in args.arms.split(",") if a] or [a for a, _ in XARMS]
+    bad = [a for a in args.arms if a not in dict(XARMS)]
+    if bad:
+        ap.error(f"unknown arm(s) {bad}; choose from {[a for a, _ in XARMS]}")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -173,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data.tokenizers import prepare_tokenizer
     from trainer.lm.reference import default_cache_dir, reference_teacher
 
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     res_path = work / "results.json"
@@ -193,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         res_path.write_text(json.dumps(results, indent=1))
 
     def write() -> None:
-        body = report(args, results, shares, time.perf_counter() - t0)
+        body = report(args, results, shares, time.perf_counter() - t0, (load0, os.getloadavg()[0]))
         print(body, flush=True)
         if not args.no_write:
             write_section("xtok", "Cross-tokenizer KD: the student reads its own tokenization (bits per character)", body)
@@ -213,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             if i == 0:  # the same-tokenizer reference, interleaved with the first pair's seeds
                 for a in ("ce", "kd"):
                     run(f"teacher/{a}/{seed}", teacher, "ce" if a == "ce" else "kd_same", seed, None)
-            for a, _ in XARMS:
+            for a in args.arms:
                 run(f"{pair}/{a}/{seed}", tok, a, seed, align_file)
         write()
     write()

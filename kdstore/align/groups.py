@@ -131,18 +131,20 @@ def prefix_targets_reference(
 
 def teacher_next_logprob(
     positions: np.ndarray, input_ids: np.ndarray, entry_offsets: np.ndarray, indices: np.ndarray,
-    probs: np.ndarray, tail: np.ndarray, *, floor: float = 1e-8,
-) -> np.ndarray:
+    probs: np.ndarray, tail: np.ndarray, *, floor: float = 1e-8, return_found: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """``[P]`` float64: log of the stored teacher probability of the *actual* next teacher
     token at each position (0 at a row's last position, which has no next token).
 
     When the actual token is not among the kept entries its probability is unknown but at
     most ``min(tail, smallest kept probability)``; that bound is used (floored at ``floor``).
+    ``return_found``: also ``[P]`` bool, True where the actual next token was kept (the
+    value is its stored probability, not a bound).
     """
     P = len(input_ids)
     out = np.zeros(P, dtype=np.float64)
     if P == 0:
-        return out
+        return (out, np.zeros(0, dtype=bool)) if return_found else out
     nxt = np.full(P, -1, dtype=np.int64)
     nxt[:-1] = input_ids[1:]
     last = positions[1:] - 1
@@ -160,7 +162,7 @@ def teacher_next_logprob(
     val = np.where(found, val, bound)
     has = nxt >= 0
     out[has] = np.log(np.maximum(val[has], floor))
-    return out
+    return (out, found) if return_found else out
 
 
 def row_layout(
@@ -194,3 +196,88 @@ def row_layout(
         tpos[j] = tp[use]
         depth[j] = j - s_close[g[use] - 1]
     return tpos, depth, gstart
+
+
+def realized_path_targets(
+    counts: np.ndarray, indices: np.ndarray, probs: np.ndarray, tail: np.ndarray, *,
+    pos: np.ndarray, delta: np.ndarray, dest: np.ndarray,
+    fp_counts: np.ndarray, fp_indices: np.ndarray, fp_weights: np.ndarray, fp_tail: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Move mass of the realized teacher path onto the student token that spells it.
+
+    Targets per student position in CSR form: ``counts [S]``, ``indices [E]`` student ids,
+    ``probs [E]``, ``tail [S]``. For each adjusted position ``pos[m]`` (``[M]``, unique), the
+    teacher's next token ``t_a`` was mapped onto student ids ``fp_indices`` with weights
+    ``fp_weights`` (``fp_counts [M]`` of them) and the share ``fp_tail [M]`` of its mass to the
+    tail (the alignment's ``map_targets`` of a unit mass). ``delta[m]`` of ``t_a``'s mass
+    (``<=`` its probability) is taken from those entries and the tail in the same shares and
+    given to student id ``dest[m]``, appended when the position does not hold it yet.
+    Mass is conserved per position; the derivation is in ``docs/alignment.md`` (§6.3).
+    Returns new ``(counts, indices, probs, tail)``.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64).copy()
+    tail = np.asarray(tail, dtype=np.float64).copy()
+    S, M = len(counts), len(pos)
+    if M == 0:
+        return counts, np.asarray(indices, np.int64), probs.astype(np.float32), tail.astype(np.float32)
+    off = np.zeros(S + 1, dtype=np.int64)
+    np.cumsum(counts, out=off[1:])
+    owner = np.repeat(np.arange(S), counts)
+    m_of = np.full(S, -1, dtype=np.int64)
+    m_of[pos] = np.arange(M)
+    em = m_of[owner]  # adjusted position of each entry, -1 for others
+    # 1. take delta * w from t_a's mapped entries (the tail when t_a mapped to nothing)
+    fm = np.repeat(np.arange(M), fp_counts)
+    key_e = np.where(em >= 0, em * (np.int64(1) << 32) + indices, -1)
+    key_f = fm * (np.int64(1) << 32) + fp_indices
+    hit = np.isin(key_e, key_f)
+    if hit.any():
+        e = np.flatnonzero(hit)
+        ks = np.argsort(key_f, kind="stable")
+        w = np.asarray(fp_weights, dtype=np.float64)[ks][np.searchsorted(key_f[ks], key_e[e])]
+        probs[e] = np.maximum(probs[e] - delta[em[e]] * w, 0.0)
+    tail[pos] = np.maximum(tail[pos] - delta * np.asarray(fp_tail, dtype=np.float64), 0.0)
+    # 2. give delta to dest: add where the position holds dest, else append an entry
+    has = np.zeros(M, dtype=bool)
+    at_dest = (em >= 0) & (np.asarray(indices) == dest[np.maximum(em, 0)])
+    probs[at_dest] += delta[em[at_dest]]
+    has[em[at_dest]] = True
+    add = ~has
+    new_counts = counts.copy()
+    new_counts[pos[add]] += 1
+    new_off = np.zeros(S + 1, dtype=np.int64)
+    np.cumsum(new_counts, out=new_off[1:])
+    E2 = int(new_off[-1])
+    out_i = np.empty(E2, dtype=np.int64)
+    out_p = np.empty(E2, dtype=np.float64)
+    slot = np.arange(len(owner), dtype=np.int64) - off[owner] + new_off[owner]
+    out_i[slot], out_p[slot] = indices, probs
+    last = new_off[pos[add] + 1] - 1
+    out_i[last], out_p[last] = dest[add], delta[add]
+    return new_counts, out_i, out_p.astype(np.float32), tail.astype(np.float32)
+
+
+def realized_path_reference(counts, indices, probs, tail, *, pos, delta, dest, fp_counts, fp_indices, fp_weights, fp_tail):
+    """Per-position brute force of :func:`realized_path_targets` (tests only)."""
+    off = np.concatenate([[0], np.cumsum(counts)])
+    rows = [dict() for _ in counts]
+    order = [[] for _ in counts]
+    for s in range(len(counts)):
+        for e in range(off[s], off[s + 1]):
+            rows[s][int(indices[e])] = float(probs[e])
+            order[s].append(int(indices[e]))
+    tail = [float(x) for x in tail]
+    fo = np.concatenate([[0], np.cumsum(fp_counts)])
+    for m, s in enumerate(pos):
+        tail[s] = max(tail[s] - delta[m] * fp_tail[m], 0.0)
+        for f in range(fo[m], fo[m + 1]):
+            i = int(fp_indices[f])
+            if i in rows[s]:
+                rows[s][i] = max(rows[s][i] - delta[m] * fp_weights[f], 0.0)
+        d = int(dest[m])
+        if d not in rows[s]:
+            order[s].append(d)
+            rows[s][d] = 0.0
+        rows[s][d] += delta[m]
+    return [[(i, rows[s][i]) for i in order[s]] for s in range(len(counts))], tail

@@ -39,7 +39,7 @@ import pyarrow as pa
 from kdstore.align.student import load_student
 
 KINDS = ("outside", "1:1", "1:n", "n:1", "n:m", "open")
-MODES = ("boundary", "one_to_one", "groups", "chain")
+MODES = ("boundary", "one_to_one", "groups", "chain", "path")
 
 
 _Z = 64  # zero-width tokens at one byte position are ordered by their rank (< 64)
@@ -329,6 +329,8 @@ class SequenceAligner:
         counts[mask] = cnt
         tail = np.zeros(len(input_ids), dtype=np.float32)
         tail[mask] = tail_sel
+        if self.mode == "path":
+            counts, indices, probs, tail = self._path(d, input_ids, positions, n_groups, mask, counts, indices, probs, tail)
         kc = np.bincount(kind, minlength=len(KINDS))
         stats = {"student_tokens": int(len(input_ids)), "in_window": int(len(input_ids) - kc[0]),
                  "targets": int(mask.sum()), "teacher_tokens": int(len(d.counts))}
@@ -342,6 +344,39 @@ class SequenceAligner:
         if self.mode == "chain":
             out.chain_logc, out.chain_start = self._chain(d, positions, n_groups, len(input_ids))
         return out
+
+    def _path(self, d: Any, input_ids: np.ndarray, positions: np.ndarray, groups: list, mask: np.ndarray,
+              counts: np.ndarray, indices: np.ndarray, probs: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``path`` mode (docs/alignment.md §6.3): where the next student token spans several
+        teacher tokens (an n:1 group), the teacher's probability of that realized sequence,
+        ``p(t_1) * prod p(t_i | ...)`` from the stored distributions along it, moves from the
+        first piece of ``t_1`` to that student token."""
+        from kdstore.align.groups import realized_path_targets, teacher_next_logprob  # noqa: PLC0415
+
+        lp, found = teacher_next_logprob(d.positions, d.input_ids, d.entry_offsets, d.indices, d.probs, d.tail, return_found=True)
+        csum = np.concatenate([[0.0], np.cumsum(lp)])
+        missing = np.concatenate([[0], np.cumsum(~found)])
+        sel, delta, dest, first = [], [], [], []
+        for r, (tc, sc, _s0) in enumerate(groups):
+            if len(tc) < 2:
+                continue
+            g = np.flatnonzero((np.diff(tc) >= 2) & (np.diff(sc) == 1))  # group g + 1 is n:1, predicted at closer g
+            i, iend, j = tc[g], tc[g + 1], int(positions[r]) + sc[g]
+            # every step of the path kept by the teacher: its probability is known, not a bound
+            ok = mask[j] & (missing[iend] - missing[i] == 0)
+            sel.append(j[ok])
+            delta.append(np.exp(csum[iend[ok]] - csum[i[ok]]))
+            dest.append(input_ids[int(positions[r]) + sc[g + 1][ok]])
+            first.append(d.input_ids[i[ok] + 1])
+        if not sel or not sum(len(x) for x in sel):
+            return counts, indices, probs, tail
+        sel, delta, dest, first = (np.concatenate(x) for x in (sel, delta, dest, first))
+        if self.alignment is not None:
+            fp_i, fp_w, fp_c, fp_t = self.alignment.map_targets(first, np.ones(len(first), np.float32), np.ones(len(first), np.int64))
+        else:
+            fp_i, fp_w, fp_c, fp_t = first, np.ones(len(first)), np.ones(len(first), np.int64), np.zeros(len(first))
+        return realized_path_targets(counts, indices, probs, tail, pos=sel, delta=delta, dest=dest,
+                                     fp_counts=fp_c, fp_indices=fp_i, fp_weights=fp_w, fp_tail=fp_t)
 
     def _spelled_targets(self, d: Any, input_ids: np.ndarray, positions: np.ndarray, teacher_pos: np.ndarray,
                          depth: np.ndarray, gstart: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -38,7 +38,7 @@ class TrainConfig:
     eval_teacher: str = ""  # HF model dir: full-vocabulary KL to it on text eval data ("" = online_teacher)
     tokenizer: str = ""  # student tokenizer dir; with a store: one different from the teacher's trains on its own tokenization
     align: str = ""  # third-vocabulary file for tokenizer= (kd store align-build); "" = built at start-up
-    xtok_targets: str = "boundary"  # cross-tokenizer targets: boundary (measured best) | groups (1:n group targets) | chain (GOLD merge)
+    xtok_targets: str = "boundary"  # cross-tokenizer targets: boundary | groups (1:n group targets) | chain (GOLD merge) | path (n:1 realized path)
     teacher_segmentation_align: str = ""  # OLD path: the student reads teacher tokens mapped by this alignment (extend)
     seq_len: int = 128  # tokens per training window for text sources (the store defines its own)
     shuffle_block: int = 4  # store shards shuffled together
@@ -109,8 +109,8 @@ class TrainConfig:
             raise ValueError(f"kd_beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.kd_beta}")
         if self.kd_loss == "jsd" and self.online_teacher:
             raise ValueError("kd_loss=jsd is implemented over stored targets only; use forward/reverse/symmetric with online_teacher=")
-        if self.xtok_targets not in ("boundary", "groups", "chain"):
-            raise ValueError(f"xtok_targets must be boundary, groups or chain, got {self.xtok_targets!r}")
+        if self.xtok_targets not in ("boundary", "groups", "chain", "path"):
+            raise ValueError(f"xtok_targets must be boundary, groups, chain or path, got {self.xtok_targets!r}")
         if self.align and self.teacher_segmentation_align:
             raise ValueError("set align= (student reads its own tokenization) or teacher_segmentation_align=, not both")
         if self.temperature <= 0:

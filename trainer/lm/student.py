@@ -359,8 +359,9 @@ def _parser(prog: str, *, lm: bool) -> argparse.ArgumentParser:
         p.add_argument("--tokenizer", help="student tokenizer dir; another tokenizer than the teacher's trains on the "
                                             "student's own tokenization of the stored text (default: the teacher's)")
         p.add_argument("--align", help="third-vocabulary file for --tokenizer (kd store align-build); default: built at start")
-        p.add_argument("--xtok-targets", choices=("boundary", "groups", "chain"),
-                       help="cross-tokenizer targets (default boundary; groups adds 1:n group targets; chain = GOLD merge)")
+        p.add_argument("--xtok-targets", choices=("boundary", "groups", "chain", "path"),
+                       help="cross-tokenizer targets (default boundary; groups adds 1:n group targets; chain = GOLD merge; "
+                            "path moves the probability of a multi-token path onto the student token that spells it)")
         p.add_argument("--teacher-segmentation-align", metavar="FILE",
                        help="OLD path: the student reads the teacher's tokens mapped by FILE and expects that "
                             "segmentation at inference (warned; never the default)")
