@@ -244,8 +244,9 @@ class SoftLabelDataset(IterableDataset):
         return order.tolist(), dict(zip(used.tolist(), last_n.tolist()))
 
     def _rows_needed(self, rows: np.ndarray, n_batches: int, first: int, step: int) -> dict[int, np.ndarray]:
-        """Shard-local rows each shard must provide to this worker's batches (a worker
-        reads only the row groups holding them; with W workers that is ~1/W of a shard)."""
+        """Shard-local rows each shard must provide to this worker's batches: a worker reads
+        only the row groups holding them. The rows are ~1/W of a shard for W workers, but
+        under shuffling they fall in nearly every row group (``bench/reader_bench.py``)."""
         if first >= n_batches:
             return {}
         b = np.arange(len(rows), dtype=np.int64) // self.batch_size
@@ -279,8 +280,8 @@ class SoftLabelDataset(IterableDataset):
         from kdstore.align.sequence import offset_lists  # noqa: PLC0415
 
         d = self._decode_rows(ids, shard_of, get_shard)
-        texts = pa.concat_tables([get_shard(int(s)).text_columns.take(pa.array(get_shard(int(s)).row_map[ids[shard_of == s] - self._offsets[s]]))
-                                  for s in np.unique(shard_of)])
+        shards = [(get_shard(int(s)), ids[shard_of == s] - self._offsets[s]) for s in np.unique(shard_of)]
+        texts = pa.concat_tables([raw.text_columns.take(pa.array(raw.row_map[local])) for raw, local in shards])
         where = f"{self.store.uri} (batch of {len(ids)} rows)"
         tx, off, bs, be = offset_lists(texts, where)
         rows = self.sequence.align_decoded(d, tx, off, bs, be, where=where)

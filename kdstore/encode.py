@@ -142,8 +142,10 @@ class RowEncoder:
         if manifest.index_coding == F.RANK_CODING:
             if index_order is None or len(index_order) != manifest.teacher.vocab_size:
                 raise StoreFormatError(f"a rank_delta store needs its index order ({manifest.teacher.vocab_size} ids) to encode rows")
-            self._rank = np.empty(len(index_order), dtype=np.int64)
-            self._rank[np.asarray(index_order, dtype=np.int64)] = np.arange(len(index_order))
+            if not np.array_equal(np.sort(self._order), np.arange(len(self._order))):
+                raise StoreFormatError("the index order is not a permutation of the teacher ids; re-create it (encode_index_order)")
+            self._rank = np.empty(len(self._order), dtype=np.int64)
+            self._rank[self._order] = np.arange(len(self._order))
         elif index_order is not None:
             raise StoreFormatError("an index order was given for a sorted_delta manifest; make the manifest with index_order=")
         self.schema = F.arrow_schema(manifest)

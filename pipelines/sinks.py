@@ -180,6 +180,8 @@ def _check_compatible(loc: Location, manifest: F.Manifest, vocab: pa.Table, uri:
         d = json.loads(loc.read_bytes(rel))
         old = F.Manifest.from_json(json.dumps(d["template"] if rel == CAPTURE_SIDECAR else d), source=f"{uri}/{rel}")
         diff = _differences(_template_fingerprint(old), want)
+        if any(d.startswith("index.coding: 'sorted_delta'") for d in diff):
+            diff.append("(a store written with ids as they are, e.g. before format v2: resume it with --index-order id)")
         if diff:
             raise StoreFormatError(
                 f"{uri}: cannot resume: this run differs from the one that wrote the store in {'; '.join(diff)}. "

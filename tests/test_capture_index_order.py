@@ -42,10 +42,28 @@ def test_default_order_is_the_input_token_frequency(topk_store):
     assert np.median(rank[kept]) < np.median(kept)
 
 
-def test_id_order_stores_the_same_distributions(tmp_path, teacher, corpus, topk_store):
-    uri, _ = topk_store
-    out = str(tmp_path / "by-id")
+@pytest.fixture(scope="module")
+def by_id(tmp_path_factory, teacher, corpus):
+    out = str(tmp_path_factory.mktemp("by-id") / "store")
     run_capture(["--teacher", str(teacher), "--input", corpus["glob"], "--output", out, "--index-order", "id", *ARGS])
+    return out
+
+
+def test_resuming_an_id_store_with_the_default_says_what_to_pass(tmp_path, teacher, corpus, by_id):
+    import shutil
+
+    from kdstore.errors import StoreFormatError
+    from pipelines import capture
+
+    shutil.copytree(by_id, tmp_path / "s")
+    argv = ["--teacher", str(teacher), "--input", corpus["glob"], "--output", str(tmp_path / "s"), "--resume", *ARGS]
+    with pytest.raises(StoreFormatError, match="resume it with --index-order id"):
+        capture.plan_capture(parse_args(argv)[0])
+
+
+def test_id_order_stores_the_same_distributions(topk_store, by_id):
+    uri, _ = topk_store
+    out = by_id
     m = verify_store(out).manifest
     assert m.index_coding == "sorted_delta" and m.index_order is None
     (a, ka), (b, kb) = _all_decoded(uri), _all_decoded(out)

@@ -128,6 +128,15 @@ def test_order_must_be_a_permutation(tmp_path):
     with pytest.raises(StoreFormatError, match="permutation"):
         _write(tmp_path / "s", golden_rows(), order=bad)
     assert not (tmp_path / "s").exists()  # refused before anything was written
+    # a worker's encoder checks the order it was handed too (a capture passes it to every worker)
+    from kdstore.writer import RowEncoder, new_manifest
+
+    _, entry = encode_index_order(np.arange(V))
+    m = new_manifest(teacher=kdstore.TeacherInfo(name_or_path="t", vocab_size=V), selection=Selection(mode="topk", k=3), index_order=entry)
+    with pytest.raises(StoreFormatError, match="not a permutation"):
+        RowEncoder(m, index_order=bad)
+    with pytest.raises(StoreFormatError, match="needs its index order"):
+        RowEncoder(m)
 
 
 def test_corrupt_order_file_is_reported(ranked, tmp_path):
