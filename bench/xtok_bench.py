@@ -13,6 +13,8 @@ trained in this process, arm after arm, ``--seeds`` seeds each, same steps/batch
   group closes.
 * ``xtok groups``: the same plus the 1:n group targets (``kdstore.align.groups``).
 * ``xtok chain (GOLD)``: groups merged by the chain rule, generalised KL.
+* ``xtok boundary + continuation vocab``: boundary targets with the ``continuation`` third
+  vocabulary (``kdstore.align.continuation``), built at the trainer's start-up.
 * ``xtok path (n:1)``: boundary targets where the mass of a realized multi-token teacher path
   moves onto the student token that spells it (n:1 groups; ``docs/alignment.md`` §6.3).
 * ``ULD``: Wasserstein-1 between sorted probabilities over the stored top-k, no vocabulary map.
@@ -42,7 +44,8 @@ from bench._report import markdown_table, write_section  # noqa: E402
 
 PAIRS = {"unigram": ("unigram", 8000), "wordpiece": ("wordpiece", 8000), "bpe": ("bpe", 8000)}
 XARMS = [("ce_own", "CE (own tok.)"), ("boundary", "xtok boundary"), ("groups", "xtok groups"),
-         ("chain", "xtok chain (GOLD)"), ("path", "xtok path (n:1)"), ("uld", "ULD")]
+         ("chain", "xtok chain (GOLD)"), ("path", "xtok path (n:1)"),
+         ("cont", "xtok boundary + continuation vocab"), ("cont_path", "xtok path + continuation vocab"), ("uld", "ULD")]
 
 
 def capture(teacher_dir: Path, uri: Path, *, docs: int) -> None:
@@ -89,6 +92,8 @@ def run_arm(args, store_uri: Path, tok_dir: Path, arm: str, seed: int, out: Path
     extra = {}
     if arm in ("boundary", "groups", "chain", "path"):
         extra = {"xtok_targets": arm, "align": str(align_file)}
+    elif arm in ("cont", "cont_path"):  # third vocabulary built at start with the continuation policy
+        extra = {"xtok_targets": "boundary" if arm == "cont" else "path", "xtok_vocab": "continuation"}
     elif arm == "uld":
         extra = {"kd_loss": "uld"}
     cfg = TrainConfig(
@@ -156,8 +161,10 @@ def report(args, results: dict, shares: dict, wall: float, loads: tuple[float, f
                                     [[p, f"{100 * s['boundary']:.1f} %", f"{100 * s['groups']:.1f} %", f"{100 * s['in_1:n']:.1f} %"]
                                      for p, s in shares.items()]))
     run_s = sum(r["seconds"] for r in results.values())
+    untimed = sum(1 for r in results.values() if not r["seconds"])
     lines.append(f"\nTraining runs: {len(results)} ({run_s / 60:.0f} min of run time in total, over the invocations that "
-                 f"filled `{args.work}/results.json`; this one took {wall / 60:.1f} min).")
+                 f"filled `{args.work}/results.json`" + (f"; {untimed} runs merged in without a recorded time" if untimed else "")
+                 + f"; this one took {wall / 60:.1f} min).")
     return "\n".join(lines)
 
 

@@ -211,8 +211,10 @@ def build_main(argv: list[str] | None = None, prog: str = "kd store align-build"
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--out", help="alignment file to write (*.parquet, or *.json)")
     g.add_argument("--check", metavar="FILE", help="only check that FILE belongs to this store and student tokenizer")
-    ap.add_argument("--policy", choices=POLICIES, default="first_piece",
-                    help="unmatched teacher tokens (default first_piece: the student tokenizer's first piece)")
+    ap.add_argument("--policy", choices=POLICIES + ("continuation",), default="first_piece",
+                    help="unmatched teacher tokens (default first_piece: the student tokenizer's first piece); "
+                         "continuation: first_piece spread over the student tokens that start with it, weighted by "
+                         "their counts on the stored text (kdstore.align.continuation)")
     ap.add_argument("--teacher-convention", choices=("byte_level", "sentencepiece", "wordpiece", "plain"))
     ap.add_argument("--max-rows", type=int, default=None, help="rows scanned for the used-id mask (extend policy)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -227,8 +229,13 @@ def build_main(argv: list[str] | None = None, prog: str = "kd store align-build"
             print(f"{args.check}: OK for {store.uri} and {args.student_tokenizer} (policy {al.policy}, "
                   f"aligned vocab {al.vocab_size})")
             return 0
-        used = scan_store(store, max_rows=args.max_rows, progress=not args.quiet).used if args.policy == "extend" else None
-        al = VocabAlignment.build(store, st, policy=args.policy, teacher_convention=args.teacher_convention, used=used)
+        if args.policy == "continuation":
+            from kdstore.align.continuation import build_continuation  # noqa: PLC0415
+
+            al = build_continuation(store, st, teacher_convention=args.teacher_convention)
+        else:
+            used = scan_store(store, max_rows=args.max_rows, progress=not args.quiet).used if args.policy == "extend" else None
+            al = VocabAlignment.build(store, st, policy=args.policy, teacher_convention=args.teacher_convention, used=used)
         path = al.save(args.out)
         VocabAlignment.load(path, store=store, student=st)  # what a training will check
     except (OSError, ValueError, TypeError) as exc:

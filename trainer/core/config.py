@@ -39,6 +39,7 @@ class TrainConfig:
     tokenizer: str = ""  # student tokenizer dir; with a store: one different from the teacher's trains on its own tokenization
     align: str = ""  # third-vocabulary file for tokenizer= (kd store align-build); "" = built at start-up
     xtok_targets: str = "boundary"  # cross-tokenizer targets: boundary | groups (1:n group targets) | chain (GOLD merge) | path (n:1 realized path)
+    xtok_vocab: str = "first_piece"  # third vocabulary built at start (no align=): first_piece | continuation (better for Unigram/WordPiece students, worse for BPE: docs/alignment.md)
     teacher_segmentation_align: str = ""  # OLD path: the student reads teacher tokens mapped by this alignment (extend)
     seq_len: int = 128  # tokens per training window for text sources (the store defines its own)
     shuffle_block: int = 4  # store shards shuffled together
@@ -109,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"kd_beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.kd_beta}")
         if self.kd_loss == "jsd" and self.online_teacher:
             raise ValueError("kd_loss=jsd is implemented over stored targets only; use forward/reverse/symmetric with online_teacher=")
+        if self.xtok_vocab not in ("first_piece", "continuation"):
+            raise ValueError(f"xtok_vocab must be first_piece or continuation, got {self.xtok_vocab!r}")
         if self.xtok_targets not in ("boundary", "groups", "chain", "path"):
             raise ValueError(f"xtok_targets must be boundary, groups, chain or path, got {self.xtok_targets!r}")
         if self.align and self.teacher_segmentation_align:

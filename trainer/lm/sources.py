@@ -150,6 +150,10 @@ def _store_tokenization(cfg: TrainConfig, store: Any, dist: Dist) -> tuple[Any, 
         return tok, None, None, V_t, "same tokenizer as the teacher"
     if cfg.align:
         alignment = load_alignment(cfg.align, store, student)
+    elif cfg.xtok_vocab == "continuation":
+        from kdstore.align.continuation import build_continuation  # noqa: PLC0415
+
+        alignment = build_continuation(store, student)
     else:
         alignment = VocabAlignment.build(store, student, policy="first_piece")
     if alignment.policy == "extend":

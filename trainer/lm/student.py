@@ -362,6 +362,10 @@ def _parser(prog: str, *, lm: bool) -> argparse.ArgumentParser:
         p.add_argument("--xtok-targets", choices=("boundary", "groups", "chain", "path"),
                        help="cross-tokenizer targets (default boundary; groups adds 1:n group targets; chain = GOLD merge; "
                             "path moves the probability of a multi-token path onto the student token that spells it)")
+        p.add_argument("--xtok-vocab", choices=("first_piece", "continuation"),
+                       help="third vocabulary built at start when --align is not given (default first_piece; continuation "
+                            "spreads a teacher token's mass over the student tokens that start with it: measured better "
+                            "for Unigram and WordPiece students, worse for BPE)")
         p.add_argument("--teacher-segmentation-align", metavar="FILE",
                        help="OLD path: the student reads the teacher's tokens mapped by FILE and expects that "
                             "segmentation at inference (warned; never the default)")
