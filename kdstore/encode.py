@@ -15,8 +15,8 @@ import pyarrow as pa
 
 from kdstore import format as F
 from kdstore._version import __version__
-from kdstore.errors import StoreFormatError
-from kdstore.hashing import CHECKSUM, SAMPLE_ID_HASH, TOKEN_HASH
+from kdstore.errors import CorruptShardError, StoreFormatError
+from kdstore.hashing import CHECKSUM, SAMPLE_ID_HASH, TOKEN_HASH, file_checksum
 from kdstore.quant import LOG_RANGE, SCHEMES, delta_encode, quantizer, sort_entries
 
 
@@ -113,8 +113,6 @@ def encode_index_order(order: np.ndarray, *, source: dict[str, Any] | None = Non
     """
     import pyarrow.parquet as pq  # noqa: PLC0415
 
-    from kdstore.hashing import file_checksum  # noqa: PLC0415
-
     order = np.asarray(order)
     if order.ndim != 1 or not len(order) or not np.array_equal(np.sort(order), np.arange(len(order))):
         raise StoreFormatError(f"index order: expected a permutation of [0, {len(order)}), got another array")
@@ -124,6 +122,29 @@ def encode_index_order(order: np.ndarray, *, source: dict[str, Any] | None = Non
     data = buf.getvalue().to_pybytes()
     return data, {"file": F.INDEX_ORDER, "rows": int(len(order)), "bytes": len(data), "checksum": file_checksum(data),
                   "source": dict(source or {})}
+
+
+def decode_index_order(data: bytes, entry: dict[str, Any], vocab_size: int, *, where: str,
+                       mismatch: str = "the file is corrupt and every index would decode wrong: restore it or re-create the store",
+                       error: type[Exception] = CorruptShardError) -> np.ndarray:
+    """Inverse of :func:`encode_index_order`: ``[vocab_size]`` int64 id of each rank (read-only).
+
+    Checks the bytes against ``entry["checksum"]`` (``mismatch``: what the message says to
+    do) and that the table is a permutation of ``[0, vocab_size)``; raises ``error`` naming
+    ``where``.
+    """
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    if entry.get("checksum") and file_checksum(data) != entry["checksum"]:
+        raise error(f"{where}: checksum mismatch (manifest {entry['checksum']}, file {file_checksum(data)}); {mismatch}")
+    try:
+        order = pq.read_table(pa.BufferReader(data)).column("id").to_numpy().astype(np.int64)
+    except (OSError, KeyError, pa.ArrowInvalid) as exc:
+        raise error(f"{where}: not an index order table ({exc}); re-create the store") from exc
+    if len(order) != vocab_size or not np.array_equal(np.sort(order), np.arange(vocab_size)):
+        raise error(f"{where}: not a permutation of the {vocab_size} teacher ids; re-create the store")
+    order.setflags(write=False)
+    return order
 
 
 class RowEncoder:

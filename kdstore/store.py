@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from kdstore import format as F
 from kdstore.errors import CorruptShardError, IncompleteStoreError, StoreFormatError
 from kdstore.fs import Location, resolve
-from kdstore.hashing import file_checksum
+from kdstore.encode import decode_index_order
 from kdstore.quant import delta_decode, quantizer
 from kdstore.rows import RawRows, _col, _list_parts  # noqa: F401  (RawRows, _list_parts re-exported)
 
@@ -144,18 +144,7 @@ class Store:
                 data = f.read()
         except OSError as exc:
             raise CorruptShardError(f"{where}: cannot read the index order ({exc}); the store is incomplete, re-run the capture") from exc
-        if entry.get("checksum") and file_checksum(data) != entry["checksum"]:
-            raise CorruptShardError(f"{where}: checksum mismatch (manifest {entry['checksum']}, file {file_checksum(data)}); "
-                                    f"the file is corrupt and every index would decode wrong: restore it or re-create the store")
-        try:
-            order = pq.read_table(pa.BufferReader(data)).column("id").to_numpy().astype(np.int64)
-        except (OSError, KeyError, pa.ArrowInvalid) as exc:
-            raise CorruptShardError(f"{where}: not an index order table ({exc}); re-create the store") from exc
-        V = self.manifest.teacher.vocab_size
-        if len(order) != V or not np.array_equal(np.sort(order), np.arange(V)):
-            raise CorruptShardError(f"{where}: not a permutation of the {V} teacher ids; re-create the store")
-        order.setflags(write=False)
-        return order
+        return decode_index_order(data, entry, self.manifest.teacher.vocab_size, where=where)
 
     @cached_property
     def _hash_lookup(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -241,16 +230,20 @@ class Store:
         """Read shard ``i`` (column-projected); errors name the file and the fix."""
         shard = self.shards[i]
         pf = self.open_shard(i)
+        table = self._decode_pages(shard, lambda: pf.read(columns=self._existing(columns)))
+        if table.num_rows != shard.rows:
+            raise CorruptShardError(f"{self.uri}/{shard.file}: {table.num_rows} rows but the manifest says {shard.rows}; the shard does not belong to this manifest")
+        return table
+
+    def _decode_pages(self, shard: F.ShardInfo, read) -> pa.Table:
+        """``read()`` (a Parquet read of ``shard``), its decode errors named and explained."""
         try:
-            table = pf.read(columns=self._existing(columns))
+            return read()
         except (OSError, pa.ArrowInvalid) as exc:
             raise CorruptShardError(
                 f"{self.uri}/{shard.file}: cannot decode shard ({exc}); it is corrupt — "
                 f"run 'kd store verify {self.uri}' and re-run the capture with --resume"
             ) from exc
-        if table.num_rows != shard.rows:
-            raise CorruptShardError(f"{self.uri}/{shard.file}: {table.num_rows} rows but the manifest says {shard.rows}; the shard does not belong to this manifest")
-        return table
 
     def read_row_groups(self, i: int, rows: np.ndarray, *, columns: Sequence[str] | None = None) -> tuple[pa.Table, np.ndarray]:
         """Read only the row groups of shard ``i`` that hold the shard-local ``rows``.
@@ -271,13 +264,7 @@ class Store:
         if len(rows) and (rows.min() < 0 or rows.max() >= shard.rows):
             raise IndexError(f"{self.uri}/{shard.file}: row {int(rows.max())} outside the shard's {shard.rows} rows")
         groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
-        try:
-            table = pf.read_row_groups(groups.tolist(), columns=self._existing(columns), use_threads=True)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise CorruptShardError(
-                f"{self.uri}/{shard.file}: cannot decode shard ({exc}); it is corrupt — "
-                f"run 'kd store verify {self.uri}' and re-run the capture with --resume"
-            ) from exc
+        table = self._decode_pages(shard, lambda: pf.read_row_groups(groups.tolist(), columns=self._existing(columns), use_threads=True))
         row_map = np.full(shard.rows, -1, dtype=np.int64)
         at = 0
         for g in groups.tolist():

@@ -31,6 +31,7 @@ from kdstore.writer import StoreWriter, frequency_order
 from pipelines.capture import plan_capture
 from pipelines.inference import BatchSpec, TeacherRunner
 from pipelines.options import INDEX_ORDERS, CaptureConfig
+from pipelines.progress import add_id_counts
 from pipelines.sinks import CAPTURE_SIDECAR, to_row
 from pipelines.teachers import EncoderSpec, TeacherModel, TeacherSpec, byte_len_of_id, hash_of_id, vocabulary
 from pipelines.windows import WindowSpec, make_windows
@@ -234,11 +235,9 @@ def _text_index_order(encoder: EncoderSpec, texts: Sequence[str], vocab_size: in
     enc, counts, tokens = encoder.load(), np.zeros(vocab_size, np.int64), 0
     texts = list(dict.fromkeys(texts))  # each stored sample once, as the capture stores it (and kd cache counts it)
     for s in range(0, len(texts), 1024):
-        ids, _ = enc.encode(list(texts[s:s + 1024]), offsets=False)
-        flat = np.concatenate([np.asarray(x, np.int64) for x in ids]) if ids else np.zeros(0, np.int64)
-        counts += np.bincount(flat[flat < vocab_size], minlength=vocab_size)[:vocab_size]
-        tokens += len(flat)
-    return frequency_order(counts, vocab_size), {"counts": "input token ids", "tokens": tokens,
+        counts, n = add_id_counts(counts, enc.encode(list(texts[s:s + 1024]), offsets=False)[0])
+        tokens += n
+    return frequency_order(counts[:vocab_size], vocab_size), {"counts": "input token ids", "tokens": tokens,
                                                  "chars": sum(len(t) for t in texts)}
 
 

@@ -50,6 +50,15 @@ class InputSurvey:
     counted_chars: int = 0
 
 
+def add_id_counts(acc: np.ndarray, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, int]:
+    """``(acc + occurrences of every id in ids, tokens added)``; ``acc`` (int64 per id) grows
+    to the largest id seen."""
+    flat = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]) if len(ids) else np.zeros(0, np.int64)
+    c = np.bincount(flat, minlength=len(acc)).astype(np.int64)
+    c[: len(acc)] += acc
+    return c, len(flat)
+
+
 def survey_input(files: Sequence[str], *, reader: ReaderSpec, encoder, spec: WindowSpec, dedupe: bool,
                  count_ids: bool = False, budget_bytes: int = BUDGET_BYTES) -> InputSurvey:
     """One pass over (the first ``budget_bytes`` of) the input, tokenized as the workers do.
@@ -67,17 +76,17 @@ def survey_input(files: Sequence[str], *, reader: ReaderSpec, encoder, spec: Win
         sizes.append(max(0, loc.fs.get_file_info(loc.root).size or 0))
     seen: set[str] = set()
     out = InputSurvey(tokens=0, exact=True)
-    counts: list[np.ndarray] = []
+    counts = np.zeros(0, dtype=np.int64)
     read_bytes = done_size = 0
     buf: list[str] = []
 
     def flush() -> int:
+        nonlocal counts
         ids, _ = encoder.encode(buf, offsets=False)
         buf.clear()
-        if count_ids and ids:
-            flat = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
-            counts.append(np.bincount(flat, minlength=1))
-            out.counted_tokens += len(flat)
+        if count_ids:
+            counts, n = add_id_counts(counts, ids)
+            out.counted_tokens += n
         return sum(window_tokens(len(x), spec) for x in ids)
 
     for f, size in zip(files, sizes):
@@ -104,8 +113,7 @@ def survey_input(files: Sequence[str], *, reader: ReaderSpec, encoder, spec: Win
         if not out.exact and done_size:
             out.tokens = int(out.tokens * sum(sizes) / done_size)
     if count_ids:
-        n = max((len(c) for c in counts), default=0)
-        out.id_counts = sum((np.pad(c, (0, n - len(c))) for c in counts), np.zeros(n, np.int64))
+        out.id_counts = counts
         out.counted_chars = read_bytes  # characters: len() of the decoded text
     return out
 

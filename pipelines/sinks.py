@@ -348,8 +348,9 @@ def read_index_order(uri: str, manifest: F.Manifest) -> np.ndarray | None:
     checked against the template's checksum: a worker must encode with the driver's order."""
     if manifest.index_order is None:
         return None
-    data = resolve(uri).read_bytes(F.INDEX_ORDER)
-    if file_checksum(data) != manifest.index_order["checksum"]:
-        raise StoreFormatError(f"{uri}/{F.INDEX_ORDER}: not the index order this capture's driver wrote (checksum); "
-                               f"another run is writing this store? Re-run the capture")
-    return pq.read_table(pa.BufferReader(data)).column("id").to_numpy()
+    from kdstore.encode import decode_index_order  # noqa: PLC0415
+
+    return decode_index_order(resolve(uri).read_bytes(F.INDEX_ORDER), manifest.index_order, manifest.teacher.vocab_size,
+                              where=f"{uri}/{F.INDEX_ORDER}", error=StoreFormatError,
+                              mismatch="not the index order this capture's driver wrote; another run is writing this "
+                                       "store? Re-run the capture")
