@@ -9,12 +9,14 @@ trained in this process, arm after arm, ``--seeds`` seeds each, same steps/batch
 * ``CE (teacher tok.)`` / ``KD (teacher tok.)``: the same-tokenizer reference (shared by all
   pairs): the gain KD - CE a cross-tokenizer student should recover.
 * ``CE (own tok.)``: CE only on the student's own tokenization of the stored text.
-* ``xtok boundary``: sequence alignment + third vocabulary (first_piece), targets where a
-  group closes.
+* ``xtok boundary, first_piece vocab``: sequence alignment + the first_piece third vocabulary
+  (from an alignment file), targets where a group closes (the default before the
+  continuation vocabulary).
 * ``xtok groups``: the same plus the 1:n group targets (``kdstore.align.groups``).
 * ``xtok chain (GOLD)``: groups merged by the chain rule, generalised KL.
-* ``xtok boundary + continuation vocab``: boundary targets with the ``continuation`` third
-  vocabulary (``kdstore.align.continuation``), built at the trainer's start-up.
+* ``xtok boundary + continuation vocab (default)``: boundary targets with the ``continuation``
+  third vocabulary (``kdstore.align.continuation``), built at the trainer's start-up: what
+  ``kd train student --tokenizer DIR`` does with no other option.
 * ``xtok path (n:1)``: boundary targets where the mass of a realized multi-token teacher path
   moves onto the student token that spells it (n:1 groups; ``docs/alignment.md`` §6.3).
 * ``ULD``: Wasserstein-1 between sorted probabilities over the stored top-k, no vocabulary map.
@@ -24,7 +26,12 @@ student positions with a target, before (boundary) and after (groups). The secti
 ``docs/benchmarks.md`` is rewritten after every pair, so a cut-short run keeps what it has;
 runs already in ``--work``/results.json are reused (re-run to continue).
 
+Settings are chosen on the validation split (``--eval-split validation``, the default); a
+choice is confirmed on the test split with fresh seeds and its own ``--work``
+(``--eval-split test``, its own section of ``docs/benchmarks.md``).
+
     python bench/xtok_bench.py [--pairs unigram,wordpiece,bpe] [--seeds 3] [--arms ce_own,boundary] [--steps 150] [--budget-min 30]
+    python bench/xtok_bench.py --eval-split test --only-seeds 10,11,12,13,14 --arms ce_own,boundary,cont --work /tmp/kdstore-xtok-test
 """
 
 from __future__ import annotations
@@ -43,9 +50,9 @@ sys.path.insert(0, str(ROOT))
 from bench._report import markdown_table, write_section  # noqa: E402
 
 PAIRS = {"unigram": ("unigram", 8000), "wordpiece": ("wordpiece", 8000), "bpe": ("bpe", 8000)}
-XARMS = [("ce_own", "CE (own tok.)"), ("boundary", "xtok boundary"), ("groups", "xtok groups"),
+XARMS = [("ce_own", "CE (own tok.)"), ("boundary", "xtok boundary, first_piece vocab"), ("groups", "xtok groups"),
          ("chain", "xtok chain (GOLD)"), ("path", "xtok path (n:1)"),
-         ("cont", "xtok boundary + continuation vocab"), ("cont_path", "xtok path + continuation vocab"), ("uld", "ULD")]
+         ("cont", "xtok boundary + continuation vocab (default)"), ("cont_path", "xtok path + continuation vocab"), ("uld", "ULD")]
 
 
 def capture(teacher_dir: Path, uri: Path, *, docs: int) -> None:
@@ -99,7 +106,7 @@ def run_arm(args, store_uri: Path, tok_dir: Path, arm: str, seed: int, out: Path
     cfg = TrainConfig(
         store=str(store_uri), tokenizer=str(tok_dir), model=args.student, kd_weight=kd, max_steps=args.steps,
         batch_size=args.batch_size, lr=2e-3, lr_embed_mult=30.0, warmup_steps=max(1, args.steps // 10), seed=seed,
-        eval_data="peoples_daily:validation", eval_batches=1, eval_batch_size=8, eval_bpc_docs=args.eval_docs,
+        eval_data=f"peoples_daily:{args.eval_split}", eval_batches=1, eval_batch_size=8, eval_bpc_docs=args.eval_docs,
         out_dir=str(out), progress=False, plots=False, save_model=False, keep_checkpoints=1, log_every=max(1, args.steps),
         threads=args.threads, **extra,
     )
@@ -119,7 +126,7 @@ def report(args, results: dict, shares: dict, wall: float, loads: tuple[float, f
     sizes = (f"Sizes: store = first {args.docs} People's Daily train documents (top-k 32, 8-bit, text + byte offsets); "
              f"student `{args.student}`, {args.steps} steps x batch {args.batch_size} rows, lr 2e-3 (embeddings x30), "
              f"kd_weight {args.kd_weight} (CE arms 0), seeds {seeds}; held-out = the first "
-             f"{args.eval_docs} validation documents, bits per character of the scored text on each student's own "
+             f"{args.eval_docs} {args.eval_split} documents, bits per character of the scored text on each student's own "
              f"tokenization (`trainer.lm.evaluate.bits_per_char`). Each arm's recovery uses the CE arm and the "
              f"same-tokenizer reference over that arm's own seeds (paired). No timing is compared here (bits/char do "
              f"not depend on the machine's load; load average {loads[0]:.1f} / {loads[1]:.1f} at the start / end of "
@@ -168,7 +175,7 @@ def report(args, results: dict, shares: dict, wall: float, loads: tuple[float, f
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", default="unigram,wordpiece,bpe", help="student tokenizers, in run order")
     ap.add_argument("--seeds", type=int, default=3)
@@ -181,12 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=int, default=800, help="train documents captured into the store")
     ap.add_argument("--eval-docs", type=int, default=200)
     ap.add_argument("--kd-weight", type=float, default=0.5)
+    ap.add_argument("--eval-split", default="validation", choices=["validation", "test"],
+                    help="held-out documents scored: settings are chosen on validation; test confirms a choice on "
+                         "text no choice has seen (use its own --work, and the report goes to its own section)")
     ap.add_argument("--student", default="student-tiny")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-min", type=float, default=30.0, help="start no new pair after this many minutes")
     ap.add_argument("--work", default="/tmp/kdstore-xtok-bench")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
     ap.add_argument("--report-only", action="store_true", help="write the report from --work/results.json; run nothing")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     args.pairs = [p for p in args.pairs.split(",") if p]
     bad = [p for p in args.pairs if p not in PAIRS]
@@ -226,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         body = report(args, results, shares, time.perf_counter() - t0, (load0, os.getloadavg()[0]))
         print(body, flush=True)
         if not args.no_write:
-            write_section("xtok", "Cross-tokenizer KD: the student reads its own tokenization (bits per character)", body)
+            if args.eval_split == "validation":
+                write_section("xtok", "Cross-tokenizer KD: the student reads its own tokenization (bits per character)", body)
+            else:
+                write_section("xtok-test", "Cross-tokenizer KD, confirmed on the test split (bits per character)", body)
 
     for i, pair in enumerate(args.pairs):
         if i > 0 and time.perf_counter() - t0 > 60 * args.budget_min:

@@ -120,6 +120,18 @@ def test_train_student_on_its_own_tokenization(setup, tmp_path, capsys, targets)
     assert res["vocab_size"] >= len(setup["toks"]["unigram"]) and np.isfinite(res["eval_bpc"])
 
 
+def test_third_vocabulary_default_and_choice(setup, tmp_path, capsys):
+    uni = setup["toks"]["unigram"].name_or_path
+    rc, cap = _train(["--store", setup["uri"], "--tokenizer", uni] + _common(setup, tmp_path / "a"), capsys)
+    assert rc == 0, cap.err
+    assert "third vocabulary: continuation" in json.loads((tmp_path / "a" / "result.json").read_text())["data"]
+    rc, cap = _train(["--store", setup["uri"], "--tokenizer", uni, "--xtok-vocab", "first_piece"] + _common(setup, tmp_path / "b"), capsys)
+    assert rc == 0, cap.err
+    assert "third vocabulary: first_piece" in json.loads((tmp_path / "b" / "result.json").read_text())["data"]
+    rc, cap = _train(["--store", setup["uri"], "--tokenizer", uni, "xtok_vocab=first_peice"] + _common(setup, tmp_path / "c"), capsys)
+    assert rc == 2 and "first_peice" in cap.err and "continuation" in cap.err and "Traceback" not in cap.err
+
+
 def test_uld_arm_runs_vocabulary_free(setup, tmp_path, capsys):
     uni = setup["toks"]["unigram"].name_or_path
     rc, cap = _train(["--store", setup["uri"], "--tokenizer", uni, "kd_loss=uld"] + _common(setup, tmp_path), capsys)

@@ -12,7 +12,9 @@ often the student's tokenization of the stored text emits ``s``:
 an estimate of which student token comes next when the text continues with ``t`` (the
 teacher does not say what follows ``t``; the student's token statistics do). Matched and
 first-piece teacher tokens are spread this way; ``split``/tail/unmappable ones and ids
-whose continuations never occur keep their ``first_piece`` map. See
+whose continuations never occur keep their ``first_piece`` map, and so do teacher ids whose
+first piece is a byte fragment (part of a UTF-8 character: its string prefixes thousands of
+unrelated characters in a byte-level student vocabulary). See
 ``docs/alignment.md`` §3 and the measurement in ``docs/benchmarks.md`` ("Cross-tokenizer KD").
 """
 
@@ -22,6 +24,8 @@ import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
+
+from kdstore.align.canonical import canonicalize
 
 MAX_CHARS = 16 << 20  # characters of stored text tokenized for the counts (a deterministic prefix)
 
@@ -42,9 +46,9 @@ def student_token_counts(student: Any, texts: Sequence[str], *, vocab_size: int)
 def store_texts(store: Any, *, max_chars: int = MAX_CHARS) -> list[str]:
     """The stored text of the first rows of ``store`` (store order), up to ``max_chars``."""
     if not store.manifest.columns.get("text"):
-        raise ValueError(f"{store.uri}: this store has no text and byte offsets, which a student with its own "
-                         f"tokenizer trains on (and the continuation policy counts its tokens on); re-run the capture "
-                         f"with text (kd cache stores it by default)")
+        raise ValueError(f"{store.uri}: training on the student's own tokenization needs the stored text and byte "
+                         f"offsets (the continuation vocabulary also counts the student's tokens on that text); this "
+                         f"store has no text: re-capture with text (kd cache stores it unless --no-store-text)")
     out, total = [], 0
     for b in store.iter_batches(columns=["text"]):
         for t in b.column("text").to_pylist():
@@ -56,10 +60,20 @@ def store_texts(store: Any, *, max_chars: int = MAX_CHARS) -> list[str]:
     return out
 
 
+def whole_characters(token: str, convention: str) -> bool:
+    """Whether a student token stands for whole UTF-8 characters (not a byte fragment)."""
+    try:
+        canonicalize(token, convention).data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def with_continuations(al: Any, student: Any, counts: np.ndarray, *, counted_tokens: int = 0) -> Any:
     """A copy of a ``first_piece`` :class:`~kdstore.align.VocabAlignment` with policy
     ``continuation``: every teacher id mapped to one student id ``a`` (weight 1) is spread
-    over the student ids whose token string starts with ``a``'s, by ``counts``."""
+    over the student ids whose token string starts with ``a``'s, by ``counts``; ``a`` that is
+    a byte fragment (not whole UTF-8 characters) is not spread."""
     if al.policy != "first_piece":
         raise ValueError(f"continuations extend a first_piece alignment, got policy {al.policy!r}")
     tokens = student.tokens
@@ -70,11 +84,18 @@ def with_continuations(al: Any, student: Any, counts: np.ndarray, *, counted_tok
             for L in range(1, len(w) + 1):
                 by_prefix.setdefault(w[:L], []).append(s)
     targets: list[list[tuple[int, float]]] = []
-    spread = 0
+    spread = fragments = 0
     for t in range(al.teacher_vocab_size):
         a, b = int(al.ptr[t]), int(al.ptr[t + 1])
         one = b - a == 1 and al.weight[a] == 1.0 and int(al.col[a]) < len(tokens)
-        cands = by_prefix.get(tokens[int(al.col[a])], []) if one and not special[int(al.col[a])] else []
+        piece = tokens[int(al.col[a])] if one else ""
+        cands = by_prefix.get(piece, []) if one and not special[int(al.col[a])] else []
+        if cands and not whole_characters(piece, student.convention):
+            # A byte fragment (byte-level BPE's lead byte of a CJK character) prefixes every
+            # token that starts with the same bytes, thousands of unrelated characters: the
+            # spread would say nothing about which character follows. It keeps its first piece.
+            fragments += 1
+            cands = []
         if not cands:
             targets.append(list(zip(al.col[a:b].tolist(), al.weight[a:b].tolist())))
             continue
@@ -85,7 +106,8 @@ def with_continuations(al: Any, student: Any, counts: np.ndarray, *, counted_tok
     np.cumsum([len(x) for x in targets], out=ptr[1:])
     col = np.array([s for x in targets for s, _ in x], dtype=np.int64)
     weight = np.array([q for x in targets for _, q in x], dtype=np.float32)
-    meta = {**al.meta, "continuation": {"counted_tokens": int(counted_tokens), "spread_ids": spread}}
+    meta = {**al.meta, "continuation": {"counted_tokens": int(counted_tokens), "spread_ids": spread,
+                                           "fragments_kept": fragments}}
     return dataclasses.replace(al, policy="continuation", ptr=ptr, col=col, weight=weight, meta=meta)
 
 

@@ -19,6 +19,8 @@ from typing import Any, Iterable, TypeVar
 
 C = TypeVar("C")
 
+# Third vocabularies a student with its own tokenizer can build at start-up (docs/alignment.md §3).
+XTOK_VOCABS = ("continuation", "first_piece")
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
 
@@ -39,7 +41,7 @@ class TrainConfig:
     tokenizer: str = ""  # student tokenizer dir; with a store: one different from the teacher's trains on its own tokenization
     align: str = ""  # third-vocabulary file for tokenizer= (kd store align-build); "" = built at start-up
     xtok_targets: str = "boundary"  # cross-tokenizer targets: boundary | groups (1:n group targets) | chain (GOLD merge) | path (n:1 realized path)
-    xtok_vocab: str = "first_piece"  # third vocabulary built at start (no align=): first_piece | continuation (better for Unigram/WordPiece students, worse for BPE: docs/alignment.md)
+    xtok_vocab: str = "continuation"  # third vocabulary built at start (no align=): continuation | first_piece (docs/alignment.md §3)
     teacher_segmentation_align: str = ""  # OLD path: the student reads teacher tokens mapped by this alignment (extend)
     seq_len: int = 128  # tokens per training window for text sources (the store defines its own)
     shuffle_block: int = 4  # store shards shuffled together
@@ -110,8 +112,8 @@ class TrainConfig:
             raise ValueError(f"kd_beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.kd_beta}")
         if self.kd_loss == "jsd" and self.online_teacher:
             raise ValueError("kd_loss=jsd is implemented over stored targets only; use forward/reverse/symmetric with online_teacher=")
-        if self.xtok_vocab not in ("first_piece", "continuation"):
-            raise ValueError(f"xtok_vocab must be first_piece or continuation, got {self.xtok_vocab!r}")
+        if self.xtok_vocab not in XTOK_VOCABS:
+            raise ValueError(f"xtok_vocab must be one of {', '.join(XTOK_VOCABS)}, got {self.xtok_vocab!r}")
         if self.xtok_targets not in ("boundary", "groups", "chain", "path"):
             raise ValueError(f"xtok_targets must be boundary, groups, chain or path, got {self.xtok_targets!r}")
         if self.align and self.teacher_segmentation_align:

@@ -165,7 +165,8 @@ def _store_tokenization(cfg: TrainConfig, store: Any, dist: Dist) -> tuple[Any, 
     sequence = SequenceAligner(student=student, alignment=None if cfg.kd_loss == "uld" else alignment, mode=mode)
     sequence.pad_id = tok.pad_token_id or 0
     vocab = padded_vocab(len(tok), cfg.pad_vocab_multiple)
-    return tok, None, sequence, vocab, f"student's own tokenization ({cfg.tokenizer}), targets: {mode}"
+    third = "none (ULD)" if cfg.kd_loss == "uld" else alignment.policy
+    return tok, None, sequence, vocab, f"student's own tokenization ({cfg.tokenizer}), targets: {mode}, third vocabulary: {third}"
 
 
 def build_student(cfg: TrainConfig, data: TrainData, *, min_vocab: int = 0) -> torch.nn.Module:

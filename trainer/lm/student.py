@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.core import checkpoint as ckpt_io
-from trainer.core.config import TrainConfig, apply_overrides, format_config, from_dict, to_dict
+from trainer.core.config import XTOK_VOCABS, TrainConfig, apply_overrides, format_config, from_dict, to_dict
 from trainer.lm.evaluate import autocast, evaluate, model_inputs
 from trainer.core.fused import DEFAULT_CHUNK, fused_ce_and_sparse_kd
 from trainer.core.losses import (
@@ -362,10 +362,10 @@ def _parser(prog: str, *, lm: bool) -> argparse.ArgumentParser:
         p.add_argument("--xtok-targets", choices=("boundary", "groups", "chain", "path"),
                        help="cross-tokenizer targets (default boundary; groups adds 1:n group targets; chain = GOLD merge; "
                             "path moves the probability of a multi-token path onto the student token that spells it)")
-        p.add_argument("--xtok-vocab", choices=("first_piece", "continuation"),
-                       help="third vocabulary built at start when --align is not given (default first_piece; continuation "
-                            "spreads a teacher token's mass over the student tokens that start with it: measured better "
-                            "for Unigram and WordPiece students, worse for BPE)")
+        p.add_argument("--xtok-vocab", choices=XTOK_VOCABS,
+                       help="third vocabulary built at start when --align is not given (default continuation: a "
+                            "teacher token's mass spread over the student tokens that start with it, by their counts in "
+                            "the stored text; first_piece: all of it on the student's first piece)")
         p.add_argument("--teacher-segmentation-align", metavar="FILE",
                        help="OLD path: the student reads the teacher's tokens mapped by FILE and expects that "
                             "segmentation at inference (warned; never the default)")
