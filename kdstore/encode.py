@@ -114,7 +114,7 @@ def encode_index_order(order: np.ndarray, *, source: dict[str, Any] | None = Non
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     order = np.asarray(order)
-    if order.ndim != 1 or not len(order) or not np.array_equal(np.sort(order), np.arange(len(order))):
+    if order.ndim != 1 or not len(order) or not _is_permutation(order, len(order)):
         raise StoreFormatError(f"index order: expected a permutation of [0, {len(order)}), got another array")
     table = pa.Table.from_arrays([pa.array(order.astype(np.uint32), pa.uint32())], schema=F.INDEX_ORDER_SCHEMA)
     buf = pa.BufferOutputStream()
@@ -122,6 +122,11 @@ def encode_index_order(order: np.ndarray, *, source: dict[str, Any] | None = Non
     data = buf.getvalue().to_pybytes()
     return data, {"file": F.INDEX_ORDER, "rows": int(len(order)), "bytes": len(data), "checksum": file_checksum(data),
                   "source": dict(source or {})}
+
+
+def _is_permutation(order: np.ndarray, n: int) -> bool:
+    """Whether ``order`` holds each of ``0 .. n-1`` exactly once."""
+    return len(order) == n and np.array_equal(np.sort(order), np.arange(n))
 
 
 def decode_index_order(data: bytes, entry: dict[str, Any], vocab_size: int, *, where: str,
@@ -141,7 +146,7 @@ def decode_index_order(data: bytes, entry: dict[str, Any], vocab_size: int, *, w
         order = pq.read_table(pa.BufferReader(data)).column("id").to_numpy().astype(np.int64)
     except (OSError, KeyError, pa.ArrowInvalid) as exc:
         raise error(f"{where}: not an index order table ({exc}); re-create the store") from exc
-    if len(order) != vocab_size or not np.array_equal(np.sort(order), np.arange(vocab_size)):
+    if not _is_permutation(order, vocab_size):
         raise error(f"{where}: not a permutation of the {vocab_size} teacher ids; re-create the store")
     order.setflags(write=False)
     return order
@@ -163,7 +168,7 @@ class RowEncoder:
         if manifest.index_coding == F.RANK_CODING:
             if index_order is None or len(index_order) != manifest.teacher.vocab_size:
                 raise StoreFormatError(f"a rank_delta store needs its index order ({manifest.teacher.vocab_size} ids) to encode rows")
-            if not np.array_equal(np.sort(self._order), np.arange(len(self._order))):
+            if not _is_permutation(self._order, len(self._order)):
                 raise StoreFormatError("the index order is not a permutation of the teacher ids; re-create it (encode_index_order)")
             self._rank = np.empty(len(self._order), dtype=np.int64)
             self._rank[self._order] = np.arange(len(self._order))

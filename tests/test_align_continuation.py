@@ -69,8 +69,12 @@ def test_matches_a_brute_force_on_real_tokenizers(pair, tmp_path):  # noqa: F811
     st = load_student(student)
     c = build_continuation(store, student)
     fp = VocabAlignment.build(store, student, policy="first_piece")
-    counts, n = student_token_counts(st, store_texts(store), vocab_size=fp.student_vocab_size)
+    texts = store_texts(store)
+    counts, n = student_token_counts(st, texts, vocab_size=fp.student_vocab_size)
     assert n > 0 and c.meta["continuation"]["counted_tokens"] == n
+    # the counts are of the ids the aligner reads (encode_offsets), counted without offsets
+    direct = np.bincount(np.concatenate([ids for ids, _, _ in st.encode_offsets(texts)]), minlength=fp.student_vocab_size)
+    assert np.array_equal(counts, direct[: fp.student_vocab_size]) and n == int(direct.sum())
     spread = 0
     for t in range(fp.teacher_vocab_size):
         a, b = fp.ptr[t], fp.ptr[t + 1]

@@ -36,7 +36,7 @@ def student_token_counts(student: Any, texts: Sequence[str], *, vocab_size: int)
     counts = np.zeros(vocab_size, dtype=np.float64)
     n = 0
     for s in range(0, len(texts), 1024):
-        for ids, _, _ in student.encode_offsets(list(texts[s:s + 1024])):
+        for ids in student.encode_ids(list(texts[s:s + 1024])):
             ids = ids[ids < vocab_size]
             counts += np.bincount(ids, minlength=vocab_size)
             n += len(ids)

@@ -64,6 +64,13 @@ class StudentTokenizer:
             return []
         return [e.ids for e in self._raw.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """The ids :meth:`encode_offsets` gives for running texts (no special tokens), without
+        computing byte offsets (half the time: for token counts)."""
+        if not texts:
+            return []
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
     def encode_offsets(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Tokenize running texts as the student does: per text ``(ids [S] int64,
         byte_start [S] int64, byte_end [S] int64)``, offsets in UTF-8 bytes of the text."""
