@@ -6,7 +6,7 @@ STAMP := $(VENV)/.kdstore-installed
 
 .PHONY: demo test bench clean-venv
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py kdstore/_native.c Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch, pinned: an unpinned torch pulls gigabytes of CUDA wheels.

@@ -8,8 +8,11 @@ dataset's path on its own, in ns per kept entry, so the distance to the target i
 
 * Parquet read of the needed columns (``Store.read_row_groups``, page CRCs verified);
 * ``Store.raw`` (Arrow lists -> flat numpy) and the token hash -> id lookup (per shard);
-* per batch: gathering the batch's rows (``RawRows.gather``), decoding (``Store.decode_raw``:
-  cumulative sum of the gaps, dequantization, renormalisation) and collating ``[B, T, K]``.
+* per batch, native kernel (``kdstore.native``; the default where it is built): one fused
+  decode + collate call per shard of the batch (``SoftLabelDataset._fused_batch``);
+* per batch, numpy path (``KDSTORE_NATIVE=0``, or no C compiler at install), side by side:
+  gathering the batch's rows (``RawRows.gather``), decoding (``Store.decode_raw``: cumulative
+  sum of the gaps, dequantization, renormalisation) and collating ``[B, T, K]``.
 
     python bench/reader_bench.py [--copies 16] [--batch-size 16] [--repeat 5]
 """
@@ -29,9 +32,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 import kdstore  # noqa: E402
+from kdstore import native  # noqa: E402
 from bench._report import markdown_table, write_section  # noqa: E402
 from bench._store_teachers import synthetic_teacher  # noqa: E402
-from bench.store_bench import _replicate_shard, _vocab, reader_study, write_kdstore  # noqa: E402
+from bench.store_bench import _replicate_shard, _vocab, numpy_path, reader_study, write_kdstore  # noqa: E402
 from kdstore.dataset import SoftLabelDataset  # noqa: E402
 from kdstore.rows import RawRows  # noqa: E402
 
@@ -48,15 +52,19 @@ def _best(fn, repeat: int) -> tuple[float, float]:
 
 
 def stage_rows(store: kdstore.Store, *, batch_size: int, repeat: int) -> list[list]:
-    """ns per kept entry of each stage of the dataset's path, each stage timed alone."""
+    """ns per kept entry of each stage of the dataset's path, each stage timed alone: the
+    shared ones (read, Arrow -> numpy, token ids), then the per-batch work of the native
+    path (one fused decode + collate) and, side by side, of the numpy path."""
     ds = SoftLabelDataset(store, batch_size=batch_size, seed=0)
     n = len(store.shards)
     E = store.manifest.totals["entries"]
     every = [np.arange(s.rows) for s in store.shards]
     tables = [store.read_row_groups(i, every[i], columns=ds._columns)[0] for i in range(n)]
     raws = [store.raw(t) for t in tables]
+    hashes = [r.tokens for r in raws]
     for r in raws:
         r.tokens, r.tokens_are_ids = store.token_ids(r.tokens), True
+        r.row_map = np.arange(r.num_rows)
     rows = ds.rank_rows()
     shard_of_all = np.searchsorted(ds._offsets, rows, side="right") - 1
     batches = [(rows[j:j + batch_size], shard_of_all[j:j + batch_size]) for j in range(0, len(rows), batch_size)]
@@ -65,15 +73,25 @@ def stage_rows(store: kdstore.Store, *, batch_size: int, repeat: int) -> list[li
         return [RawRows.gather([(raws[s], ids[sh == s] - ds._offsets[s]) for s in np.unique(sh)], fixed_k=ds._fixed_k)
                 for ids, sh in batches]
 
+    def fused_all():
+        for ids, sh in batches:
+            ds._fused_batch(ids, sh, raws.__getitem__)
+
     gathered = gather_all()
-    decoded = [store.decode_raw(g) for g in gathered]
+    decoded: list = []
+    numpy_path(lambda: decoded.extend(store.decode_raw(g) for g in gathered))()
     stages = [
         ("Parquet read of the needed columns (Store.read_row_groups)", lambda: [store.read_row_groups(i, every[i], columns=ds._columns) for i in range(n)]),
         ("Arrow lists -> numpy (Store.raw)", lambda: [store.raw(t) for t in tables]),
-        ("token hash -> id (Store.token_ids)", lambda: [store.token_ids(t.column("tokens").combine_chunks().values.to_numpy()) for t in tables]),
-        ("gather the batch's rows (RawRows.gather)", gather_all),
-        ("decode (Store.decode_raw: gaps cumsum, dequantize, renormalise)", lambda: [store.decode_raw(g) for g in gathered]),
-        ("collate [B, T, K] tensors (SoftLabelDataset.collate)", lambda: [ds.collate(d) for d in decoded]),
+        ("token hash -> id (Store.token_ids)", lambda: [store.token_ids(h) for h in hashes]),
+    ]
+    if native.AVAILABLE:
+        stages.append(("native: decode + collate in one kernel call per shard (SoftLabelDataset._fused_batch)", fused_all))
+    stages += [
+        ("numpy path: token hash -> id", numpy_path(lambda: [store.token_ids(h) for h in hashes])),
+        ("numpy path: gather the batch's rows (RawRows.gather)", gather_all),
+        ("numpy path: decode (Store.decode_raw: gaps cumsum, dequantize, renormalise)", numpy_path(lambda: [store.decode_raw(g) for g in gathered])),
+        ("numpy path: collate [B, T, K] tensors (SoftLabelDataset.collate)", lambda: [ds.collate(d) for d in decoded]),
     ]
     out = []
     for label, fn in stages:
@@ -132,11 +150,18 @@ def main(argv: list[str] | None = None) -> int:
                         [[r[0], f"{r[1]:.2f}", f"{r[2]:.1f}", f"{r[3]:.2f}x", f"{r[4]:.2f}x"] for r in readers])
     t2 = markdown_table(["stage of SoftLabelDataset's path", "ns per kept entry (wall, best)", "ns per kept entry (CPU)"], stages)
     print(t1 + "\n\n" + t2 + "\n\n" + markdown_table(["workers", "order", "share of row groups read per worker"], groups))
+    ds_threads = SoftLabelDataset(store, batch_size=1).read_threads
     machine = ("idle" if max(load0, load1) < 1.5 else "shared") + f" (load average {load0:.1f} before, {load1:.1f} after, 2 cores)"
     body = (f"Store: {t.label}, top-32 sqrt8, {a.copies} copies of one shard ({E:,} kept entries); batches of "
-            f"{a.batch_size} rows, one process. The machine was {machine}. Raw `read_table` (both cores) runs at "
+            f"{a.batch_size} rows, one process, {ds_threads} read threads; decoder: {native.describe()}. The machine was {machine}. Raw `read_table` (both cores) runs at "
             f"{raw_ns:.1f} ns per kept entry (wall).\n\n{t1}\n\nEach stage timed alone (the dataset overlaps the "
             f"read, in a background thread, with the rest):\n\n{t2}\n\n"
+            f"The native rows decode each shard's rows of a batch straight into the `[B, T, K]` tensors with one "
+            f"call of the C kernel (`kdstore/_native.c`); the numpy rows are the same readers with the kernel "
+            f"switched off (what a machine without a C compiler runs; same tensors, `tests/test_native.py`). What "
+            f"is left above the Parquet read is the kernel's ~2.5 ns per kept entry (12 B of int64 index and "
+            f"float32 probability written per entry) and the cost of running the read and the decode at once on "
+            f"two cores.\n\n"
             f"Target (issue #16): SoftLabelDataset >= 0.8x read_table, wall and CPU.\n\n"
             f"Row groups a DataLoader worker reads (a worker reads only the row groups holding its rows; same rows "
             f"in row groups of 8 rows, batches of {a.batch_size} rows unless noted): the batch order is a function "

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import kdstore  # noqa: E402
+from kdstore import native  # noqa: E402
 from kdstore import Selection, SoftLabelRow, StoreWriter, TeacherInfo, vocab_table  # noqa: E402
 from kdstore.dataset import SoftLabelDataset  # noqa: E402
 from kdstore.quant import delta_decode, delta_encode, quantizer  # noqa: E402
@@ -266,13 +267,26 @@ def token_study(t: Teacher, hashes: np.ndarray) -> list[list]:
 
 
 # -- reader throughput ------------------------------------------------------------------------
+def numpy_path(fn):
+    """``fn`` run with the native kernel switched off (``kdstore.native.AVAILABLE`` is read
+    at call time), as on a machine where it was not built."""
+    def run():
+        saved, native.AVAILABLE = native.AVAILABLE, False
+        try:
+            fn()
+        finally:
+            native.AVAILABLE = saved
+    return run
+
+
 def reader_study(store: kdstore.Store, *, repeat: int = 9) -> list[list]:
     """Throughput of readers of the same shards, into torch tensors.
 
     The machine may be shared: all readers are timed back to back in each repeat and the
     best (least disturbed) wall time of each is reported, with the CPU time (all threads of
     the process) as a second, contention-free measure. Ratios are against the default
-    (multi-threaded) ``read_table``.
+    (multi-threaded) ``read_table``. With the native kernel built, the numpy path is
+    measured in the same run.
     """
     files = [store.shard_path(s) for s in store.shards]
     P = store.manifest.totals["tokens"]
@@ -295,6 +309,8 @@ def reader_study(store: kdstore.Store, *, repeat: int = 9) -> list[list]:
             pass
 
     fns = {"raw": raw, "raw1": raw1, "decoded": decoded, "dataset": dataset}
+    if native.AVAILABLE:  # the numpy path side by side (what a machine without a C compiler runs)
+        fns.update(decoded_np=numpy_path(decoded), dataset_np=numpy_path(dataset))
     for fn in fns.values():  # warm-up (page cache, lazy imports)
         fn()
     wall: dict[str, list[float]] = {k: [] for k in fns}
@@ -310,7 +326,9 @@ def reader_study(store: kdstore.Store, *, repeat: int = 9) -> list[list]:
     labels = {"raw": "pyarrow.parquet.read_table (raw decode, all columns)",
               "raw1": "pyarrow.parquet.read_table, use_threads=False",
               "decoded": "Store.iter_decoded -> DecodedRows.to_torch (flat tensors)",
-              "dataset": "SoftLabelDataset, shuffled, collated [B,T,K] tensors"}
+              "dataset": "SoftLabelDataset, shuffled, collated [B,T,K] tensors",
+              "decoded_np": "Store.iter_decoded -> to_torch, numpy path (KDSTORE_NATIVE=0)",
+              "dataset_np": "SoftLabelDataset, numpy path (KDSTORE_NATIVE=0)"}
     return [[labels[k], P / best[k] / 1e6, E / best[k] / 1e6, best["raw"] / best[k], cpu_med["raw"] / cpu_med[k]] for k in fns]
 
 

@@ -20,7 +20,6 @@ memory (shards are held with their stored code widths, ~3 B per kept entry).
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Protocol
 
 import numpy as np
@@ -28,7 +27,10 @@ import torch
 import xxhash
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kdstore import native
+from kdstore.order import _dist_defaults, epoch_order  # noqa: F401 - epoch_order re-exported
 from kdstore.packing import _packing_tensors, pack_rows, plan_packing  # noqa: F401 - pack_rows re-exported
+from kdstore.prefetch import ShardPrefetcher
 from kdstore.store import TARGET_COLUMNS, DecodedRows, RawRows, Store, open as open_store
 
 IGNORE_INDEX = -100
@@ -45,31 +47,6 @@ class TargetRemap(Protocol):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
 
     def map_inputs(self, ids: np.ndarray) -> np.ndarray: ...
-
-
-def epoch_order(shard_rows: list[int], *, seed: int, epoch: int, shuffle: bool = True, shuffle_block: int = 4) -> np.ndarray:
-    """Global row ids (``shard offset + row``) of one epoch, in order; a pure function."""
-    offsets = np.concatenate([[0], np.cumsum(shard_rows, dtype=np.int64)])
-    if not shuffle:
-        return np.arange(offsets[-1], dtype=np.int64)
-    rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(len(shard_rows))
-    parts = []
-    for b in range(0, len(perm), max(1, shuffle_block)):
-        ids = np.concatenate([np.arange(offsets[s], offsets[s + 1], dtype=np.int64) for s in perm[b : b + shuffle_block]])
-        parts.append(rng.permutation(ids))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def _dist_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None or world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank = torch.distributed.get_rank() if rank is None else rank
-            world_size = torch.distributed.get_world_size() if world_size is None else world_size
-    rank, world_size = rank or 0, world_size or 1
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    return rank, world_size
 
 
 class SoftLabelDataset(IterableDataset):
@@ -106,6 +83,13 @@ class SoftLabelDataset(IterableDataset):
 
     Sequence-level stores give ``kd_indices``/``kd_probs`` ``[B, K]``, ``kd_tail`` and ``kd_counts`` ``[B]``, and
     ``labels`` ``[B]`` (-100 where the store has no label).
+
+    Speed: with the native kernel (:mod:`kdstore.native`, built at install where a C
+    compiler exists) token-level batches without ``remap``/``sequence`` are decoded straight
+    into these tensors; otherwise numpy decodes and collates (same tensors). ``read_threads``
+    shards are read at a time, in background threads, ahead of the batches that need them
+    (2: reading is the bulk of the work and one read does not keep two cores busy;
+    ``bench/reader_bench.py``).
     """
 
     def __init__(
@@ -122,10 +106,14 @@ class SoftLabelDataset(IterableDataset):
         remap: TargetRemap | None = None,
         sequence: Any = None,
         pack: bool = False,
+        read_threads: int = 2,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if read_threads < 1:
+            raise ValueError(f"read_threads must be >= 1, got {read_threads}")
+        self.read_threads = int(read_threads)
         self.store = open_store(store) if isinstance(store, str) else store
         self.batch_size = batch_size
         self.seed = seed
@@ -204,13 +192,17 @@ class SoftLabelDataset(IterableDataset):
         first = self.start_batch + wid
         order, last_use = self._shard_plan(rows, n_batches, first, nw)
         need = self._rows_needed(rows, n_batches, first, nw)
-        loader = _ShardPrefetcher(lambda s: self._load_shard(s, need[s]), order, ahead=max(1, self.shuffle_block))
+        loader = ShardPrefetcher(lambda s: self._load_shard(s, need[s]), order, ahead=max(1, self.shuffle_block),
+                                  threads=self.read_threads)
+        fused = native.AVAILABLE and self.remap is None and self.store.manifest.level == "token"
         try:
             for n, j in enumerate(range(first, n_batches, nw)):
                 ids = rows[j * self.batch_size : (j + 1) * self.batch_size]
                 shard_of = np.searchsorted(self._offsets, ids, side="right") - 1
                 if self.sequence is not None:
                     batch = self._aligned_batch(ids, shard_of, loader.get)
+                elif fused:
+                    batch = self._fused_batch(ids, shard_of, loader.get)
                 else:
                     batch = self.collate(self._decode_rows(ids, shard_of, loader.get))
                 batch["batch_index"] = j
@@ -303,15 +295,21 @@ class SoftLabelDataset(IterableDataset):
         return raw
 
     # -- collation ---------------------------------------------------------------------
+    def _row_layout(self, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Where each of the R rows goes in the ``[S, T]`` batch: ``(seq_of_row, start_of_row,
+        S, T)`` (padded: one row per sequence; packed: :func:`plan_packing`)."""
+        R = len(lengths)
+        if self.pack and R:
+            return plan_packing(lengths)
+        return np.arange(R), np.zeros(R, dtype=np.int64), R, int(lengths.max()) if R else 0
+
     def _layout(self, d: DecodedRows, input_ids: np.ndarray):
         """Where each of the P positions goes: ``(pos_row, pos_t, seq, col, S, T)`` (its row,
         its index in the row, and its place in the ``[S, T]`` batch: padded rows, or packed
         sequences), plus per position whether it has a target and its next-token label."""
-        R, P = d.num_rows, len(d.counts)
+        P = len(d.counts)
         lengths = np.diff(d.positions)
-        T = int(lengths.max()) if R else 0
-        pos_row = np.repeat(np.arange(R), lengths)
-        pos_t = np.arange(P) - d.positions[pos_row]
+        pos_row, pos_t, seq, col, S, T = self._position_layout(lengths)
         # Per position (flat, P): the next token of the same row as label, -100 at a row's
         # last position and in overlap context; then laid out as [rows, T] or packed.
         kd_flat = pos_t >= d.context_len[pos_row]
@@ -319,12 +317,15 @@ class SoftLabelDataset(IterableDataset):
         has_next = pos_t + 1 < lengths[pos_row]
         nxt[:-1] = np.where(has_next[:-1], input_ids[1:], IGNORE_INDEX) if P else nxt[:-1]
         label_flat = np.where(kd_flat, nxt, IGNORE_INDEX)
-        if self.pack and R:
-            seq_of_row, start_of_row, S, T = plan_packing(lengths)
-            seq, col = seq_of_row[pos_row], start_of_row[pos_row] + pos_t
-        else:
-            seq, col, S = pos_row, pos_t, R
         return pos_row, pos_t, seq, col, S, T, kd_flat, label_flat
+
+    def _position_layout(self, lengths: np.ndarray):
+        """``(pos_row, pos_t, seq, col, S, T)`` per position of rows of ``lengths``."""
+        seq_of_row, start_of_row, S, T = self._row_layout(lengths)
+        starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+        pos_row = np.repeat(np.arange(len(lengths)), lengths)
+        pos_t = np.arange(int(lengths.sum())) - starts[pos_row]
+        return pos_row, pos_t, seq_of_row[pos_row], start_of_row[pos_row] + pos_t, S, T
 
     def collate(self, d: DecodedRows) -> dict[str, Any]:
         """Decoded rows -> padded tensors (see the class docstring)."""
@@ -348,7 +349,6 @@ class SoftLabelDataset(IterableDataset):
             np.cumsum(counts, out=entry_off[1:])
             ent_pos = np.repeat(np.arange(P), counts)
             slot = np.arange(len(indices)) - entry_off[ent_pos]
-        out: dict[str, Any] = {"sample_id": d.sample_id, "window": torch.from_numpy(d.window)}
         if self.store.manifest.level == "sequence":
             kd_idx = np.zeros((R, K), dtype=np.int64)
             kd_p = np.zeros((R, K), dtype=np.float32)
@@ -358,10 +358,9 @@ class SoftLabelDataset(IterableDataset):
                 kd_idx[ent_pos, slot] = indices
                 kd_p[ent_pos, slot] = probs
             labels = d.label if d.label is not None else np.full(R, IGNORE_INDEX, dtype=np.int64)
-            out.update(kd_indices=torch.from_numpy(kd_idx), kd_probs=torch.from_numpy(kd_p),
-                       kd_tail=torch.from_numpy(tail.astype(np.float32)), labels=torch.from_numpy(labels),
-                       kd_counts=torch.from_numpy(counts.astype(np.int64)))
-            return out
+            return {"sample_id": d.sample_id, "window": torch.from_numpy(d.window), "kd_indices": torch.from_numpy(kd_idx),
+                    "kd_probs": torch.from_numpy(kd_p), "kd_tail": torch.from_numpy(tail.astype(np.float32)),
+                    "labels": torch.from_numpy(labels), "kd_counts": torch.from_numpy(counts.astype(np.int64))}
         pos_row, pos_t, seq, col, S, T, kd_flat, label_flat = self._layout(d, input_ids)
         ids = np.zeros((S, T), dtype=np.int64)
         ids[seq, col] = input_ids
@@ -371,70 +370,76 @@ class SoftLabelDataset(IterableDataset):
         labels[seq, col] = label_flat
         kd_mask = np.zeros((S, T), dtype=bool)
         kd_mask[seq, col] = kd_flat
-        full = not self.pack and P == R * T  # every row has T positions: reshape instead of scatter
-        if fixed and full:
+        if fixed and not self.pack and P == R * T:  # every row has T positions: reshape, no scatter
             kd_idx, kd_p = indices_pk.reshape(R, T, K), probs_pk.reshape(R, T, K)
-        elif fixed:
-            kd_idx = np.zeros((S, T, K), dtype=np.int64)
-            kd_p = np.zeros((S, T, K), dtype=np.float32)
-            kd_idx[seq, col] = indices_pk
-            kd_p[seq, col] = probs_pk
         else:
             kd_idx = np.zeros((S, T, K), dtype=np.int64)
             kd_p = np.zeros((S, T, K), dtype=np.float32)
-            r_e, t_e = seq[ent_pos], col[ent_pos]
-            kd_idx[r_e, t_e, slot] = indices
-            kd_p[r_e, t_e, slot] = probs
+            if fixed:
+                kd_idx[seq, col] = indices_pk
+                kd_p[seq, col] = probs_pk
+            else:
+                r_e, t_e = seq[ent_pos], col[ent_pos]
+                kd_idx[r_e, t_e, slot] = indices
+                kd_p[r_e, t_e, slot] = probs
         kd_tail = np.zeros((S, T), dtype=np.float32)
         kd_tail[seq, col] = tail
         kd_counts = np.zeros((S, T), dtype=np.int64)
         kd_counts[seq, col] = counts
-        out.update(
-            input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels),
-            kd_indices=torch.from_numpy(kd_idx), kd_probs=torch.from_numpy(kd_p), kd_tail=torch.from_numpy(kd_tail),
-            kd_mask=torch.from_numpy(kd_mask), kd_counts=torch.from_numpy(kd_counts),
-        )
+        return self._token_batch(d.sample_id, d.window, ids, labels, mask, kd_mask, kd_idx, kd_p, kd_tail, kd_counts,
+                                 lambda: (pos_row, pos_t, seq, col))
+
+    def _token_batch(self, sample_id, window, ids, labels, mask, kd_mask, kd_idx, kd_p, kd_tail, kd_counts,
+                     positions) -> dict[str, Any]:
+        """The token-level batch dict (one implementation for both collation paths);
+        ``positions()`` gives ``(pos_row, pos_t, seq, col)`` for packing's tensors."""
+        out: dict[str, Any] = {
+            "sample_id": sample_id, "window": torch.from_numpy(window),
+            "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+            "kd_indices": torch.from_numpy(kd_idx), "kd_probs": torch.from_numpy(kd_p), "kd_tail": torch.from_numpy(kd_tail),
+            "kd_mask": torch.from_numpy(kd_mask), "kd_counts": torch.from_numpy(kd_counts),
+        }
         if self.pack:
-            out.update(_packing_tensors(seq, col, pos_row, pos_t, S, T, mask))
+            pos_row, pos_t, seq, col = positions()
+            out.update(_packing_tensors(seq, col, pos_row, pos_t, *mask.shape, mask))
         else:
             out["attention_mask"] = torch.from_numpy(mask)
         return out
 
-
-class _ShardPrefetcher:
-    """Loads shards in a fixed order in one background thread, ``ahead`` shards beyond the
-    last one requested (pyarrow reading and most numpy work release the GIL, so reading the
-    next shards overlaps decoding the current batches). Memory: the shards in use plus
-    ``ahead`` (one shuffle block) loaded in advance."""
-
-    def __init__(self, load, order: list[int], *, ahead: int) -> None:
-        self._load = load
-        self._order = order
-        self._pos = {s: n for n, s in enumerate(order)}
-        self._ahead = ahead
-        self._next = 0  # position in ``order`` of the next shard to submit
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdstore-shards") if order else None
-        self._futures: dict[int, Future] = {}
-
-    def _top_up(self, upto: int) -> None:
-        while self._next < len(self._order) and self._next <= upto:
-            s = self._order[self._next]
-            self._futures[s] = self._pool.submit(self._load, s)
-            self._next += 1
-
-    def get(self, shard: int) -> RawRows:
-        self._top_up(self._pos[shard] + self._ahead)
-        return self._futures[shard].result()
-
-    def drop(self, shard: int) -> None:
-        self._futures.pop(shard, None)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            for f in self._futures.values():
-                f.cancel()
-            self._pool.shutdown(wait=True)
-            self._futures.clear()
+    def _fused_batch(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> dict[str, Any]:
+        """:meth:`collate` of :meth:`_decode_rows` in one step (token level, no remap, native
+        kernel): each shard's rows are decoded straight into the ``[S, T(, K)]`` arrays by one
+        kernel call, with no flat intermediate and no per-position numpy work. Same tensors
+        as the two-step path (``tests/test_native.py``)."""
+        parts, files = [], []
+        for s in np.unique(shard_of):
+            raw = get_shard(int(s))
+            parts.append((raw, raw.row_map[ids[shard_of == s] - self._offsets[s]]))
+            files.append(self.store.shards[int(s)].file)
+        lengths = np.concatenate([np.diff(raw.pos_off)[rows] for raw, rows in parts])
+        if self._fixed_k:
+            K = self._fixed_k if lengths.sum() else 1
+        else:
+            K = max(1, max((int(raw.row_max_counts()[rows].max(initial=0)) for raw, rows in parts), default=0))
+        seq_of_row, start_of_row, S, T = self._row_layout(lengths)
+        row_out = seq_of_row * T + start_of_row
+        a = {"out_ids": np.zeros((S, T), dtype=np.int64), "out_labels": np.full((S, T), IGNORE_INDEX, dtype=np.int64),
+             "out_mask": np.zeros((S, T), dtype=bool), "out_kd_mask": np.zeros((S, T), dtype=bool),
+             "out_idx": np.zeros((S, T, K), dtype=np.int64), "out_probs": np.zeros((S, T, K), dtype=np.float32),
+             "out_tail": np.zeros((S, T), dtype=np.float32), "out_counts": np.zeros((S, T), dtype=np.int64)}
+        where = f"{self.store.uri} (batch from {', '.join(files)})"
+        at = 0
+        for raw, rows in parts:
+            n = len(rows)
+            self.store.decode_rows_into(raw, tokens=raw.tokens if raw.tokens_are_ids else None, row_pos=raw.pos_off[rows],
+                                        row_len=lengths[at:at + n], row_out=row_out[at:at + n], row_ctx=raw.context_len[rows],
+                                        k_out=K, where=where, **a)
+            at += n
+        sample_id = [x for raw, rows in parts for x in raw.sample_id[rows].tolist()]
+        window = np.concatenate([raw.window[rows] for raw, rows in parts])
+        return self._token_batch(sample_id, window, a["out_ids"], a["out_labels"], a["out_mask"], a["out_kd_mask"],
+                                 a["out_idx"], a["out_probs"], a["out_tail"], a["out_counts"],
+                                 lambda: self._position_layout(lengths)[:4])
 
 
 class StoreLoader:

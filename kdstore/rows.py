@@ -1,5 +1,5 @@
-"""Undecoded rows as flat numpy arrays (:class:`RawRows`) and the Arrow list helpers the
-reader uses. Re-exported by :mod:`kdstore.store`."""
+"""Rows as flat numpy arrays, undecoded (:class:`RawRows`) and decoded (:class:`DecodedRows`),
+and the Arrow list helpers the reader uses. Re-exported by :mod:`kdstore.store`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,54 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+
+
+@dataclass
+class DecodedRows:
+    """Decoded soft labels of R rows with P positions and E kept entries in total.
+
+    sample_id: R ids; window/token_start/context_len: ``[R]`` int64.
+    positions: ``[R+1]`` int64 offsets of each row's positions into the P axis.
+    input_ids: ``[P]`` int64 teacher token ids (token level; empty otherwise).
+    counts:    ``[P]`` int64 kept entries per position; ``entry_offsets`` ``[P+1]``.
+    indices:   ``[E]`` int64 teacher indices, unique within each position, in storage order
+               (ascending id for ``sorted_delta``, ascending rank for ``rank_delta``).
+    probs:     ``[E]`` float32, with ``tail`` ``[P]`` float32 summing to 1 per position.
+    label:     ``[R]`` int64 (-100 where the row has none) or None without a label column.
+    """
+
+    sample_id: list[str]
+    window: np.ndarray
+    token_start: np.ndarray
+    context_len: np.ndarray
+    positions: np.ndarray
+    input_ids: np.ndarray
+    counts: np.ndarray
+    entry_offsets: np.ndarray
+    indices: np.ndarray
+    probs: np.ndarray
+    tail: np.ndarray
+    label: np.ndarray | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.sample_id)
+
+    def to_torch(self) -> dict:
+        """The arrays as torch tensors (zero-copy): ``input_ids`` ``[P]``, ``positions``
+        ``[R+1]``, ``counts`` ``[P]``, ``entry_offsets`` ``[P+1]``, ``indices`` ``[E]`` long,
+        ``probs`` ``[E]`` float32, ``tail`` ``[P]`` float32, ``window``/``token_start``/
+        ``context_len`` (``label``) ``[R]``; plus ``sample_id`` (list). For padded ``[B, T, K]``
+        batches use :class:`kdstore.SoftLabelDataset`."""
+        import torch  # noqa: PLC0415
+
+        out = {"sample_id": self.sample_id}
+        for name in ("input_ids", "positions", "counts", "entry_offsets", "indices", "probs", "tail", "window",
+                     "token_start", "context_len", "label"):
+            v = getattr(self, name)
+            if v is not None:
+                out[name] = torch.from_numpy(np.ascontiguousarray(v))
+        return out
 
 
 @dataclass
@@ -52,6 +100,32 @@ class RawRows:
             e_off = np.zeros(len(self.counts) + 1, dtype=np.int64)
             np.cumsum(self.counts, out=e_off[1:])
             cached = self.__dict__["_row_e"] = e_off[self.pos_off]
+        return cached
+
+    def entry_starts(self) -> np.ndarray | None:
+        """``[P]`` int64 first entry of each position (cached); None for top-k."""
+        if self.counts is None:
+            return None
+        cached = self.__dict__.get("_pos_e")
+        if cached is None:
+            cached = np.zeros(len(self.counts), dtype=np.int64)
+            np.cumsum(self.counts[:-1], out=cached[1:])
+            self.__dict__["_pos_e"] = cached
+        return cached
+
+    def row_max_counts(self) -> np.ndarray | None:
+        """``[R]`` int64 most kept entries at one position of each row (0 for an empty row;
+        cached); None for top-k."""
+        if self.counts is None:
+            return None
+        cached = self.__dict__.get("_row_kmax")
+        if cached is None:
+            lengths = np.diff(self.pos_off)
+            cached = np.zeros(len(lengths), dtype=np.int64)
+            nz = lengths > 0
+            if nz.any():  # non-empty rows' ranges tile the positions, so reduceat sees each row alone
+                cached[nz] = np.maximum.reduceat(self.counts, self.pos_off[:-1][nz])
+            self.__dict__["_row_kmax"] = cached
         return cached
 
     @staticmethod

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator, Sequence
 
@@ -19,62 +18,15 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from kdstore import format as F
+from kdstore import native
 from kdstore.errors import CorruptShardError, IncompleteStoreError, StoreFormatError
 from kdstore.fs import Location, resolve
 from kdstore.encode import decode_index_order
 from kdstore.quant import delta_decode, quantizer
-from kdstore.rows import RawRows, _col, _list_parts  # noqa: F401  (RawRows, _list_parts re-exported)
+from kdstore.rows import DecodedRows, RawRows, _col, _list_parts  # noqa: F401  (DecodedRows, RawRows, _list_parts re-exported)
 
 TARGET_COLUMNS = ("sample_id", "window", "token_start", "context_len", "tokens", "counts", "indices", "probs", "tail")
 IGNORE_LABEL = -100  # label of rows stored without one (the torch ignore_index)
-
-
-@dataclass
-class DecodedRows:
-    """Decoded soft labels of R rows with P positions and E kept entries in total.
-
-    sample_id: R ids; window/token_start/context_len: ``[R]`` int64.
-    positions: ``[R+1]`` int64 offsets of each row's positions into the P axis.
-    input_ids: ``[P]`` int64 teacher token ids (token level; empty otherwise).
-    counts:    ``[P]`` int64 kept entries per position; ``entry_offsets`` ``[P+1]``.
-    indices:   ``[E]`` int64 teacher indices, unique within each position, in storage order
-               (ascending id for ``sorted_delta``, ascending rank for ``rank_delta``).
-    probs:     ``[E]`` float32, with ``tail`` ``[P]`` float32 summing to 1 per position.
-    label:     ``[R]`` int64 (-100 where the row has none) or None without a label column.
-    """
-
-    sample_id: list[str]
-    window: np.ndarray
-    token_start: np.ndarray
-    context_len: np.ndarray
-    positions: np.ndarray
-    input_ids: np.ndarray
-    counts: np.ndarray
-    entry_offsets: np.ndarray
-    indices: np.ndarray
-    probs: np.ndarray
-    tail: np.ndarray
-    label: np.ndarray | None = None
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.sample_id)
-
-    def to_torch(self) -> dict:
-        """The arrays as torch tensors (zero-copy): ``input_ids`` ``[P]``, ``positions``
-        ``[R+1]``, ``counts`` ``[P]``, ``entry_offsets`` ``[P+1]``, ``indices`` ``[E]`` long,
-        ``probs`` ``[E]`` float32, ``tail`` ``[P]`` float32, ``window``/``token_start``/
-        ``context_len`` (``label``) ``[R]``; plus ``sample_id`` (list). For padded ``[B, T, K]``
-        batches use :class:`kdstore.SoftLabelDataset`."""
-        import torch  # noqa: PLC0415
-
-        out = {"sample_id": self.sample_id}
-        for name in ("input_ids", "positions", "counts", "entry_offsets", "indices", "probs", "tail", "window",
-                     "token_start", "context_len", "label"):
-            v = getattr(self, name)
-            if v is not None:
-                out[name] = torch.from_numpy(np.ascontiguousarray(v))
-        return out
 
 
 class Store:
@@ -162,12 +114,28 @@ class Store:
 
     def token_ids(self, hashes: np.ndarray, *, where: str = "") -> np.ndarray:
         """Reverse lookup: token hashes ``[N]`` uint64 -> teacher ids ``[N]`` int64."""
-        hs, ids, starts, bits = self._hash_lookup
+        hs = self._hash_lookup[0]
         hashes = np.asarray(hashes, dtype=np.uint64)
         if len(hashes) == 0:
             return np.zeros(0, dtype=np.int64)
         if len(hs) == 0:
             raise StoreFormatError(f"{self.uri}{where}: the vocabulary table is empty; the store cannot map token hashes to ids")
+        if native.AVAILABLE:
+            out, missing, first = native.token_ids(hashes, self._hash_lookup)
+        else:
+            out = self._token_ids_numpy(hashes)
+            bad = np.flatnonzero(out < 0)
+            missing, first = len(bad), int(bad[0]) if len(bad) else -1
+        if missing:
+            raise StoreFormatError(
+                f"{self.uri}{where}: {missing} token hash(es) not in the vocabulary table "
+                f"(first: {int(hashes[first]):#x}); the store's vocab.parquet does not belong to its shards"
+            )
+        return out
+
+    def _token_ids_numpy(self, hashes: np.ndarray) -> np.ndarray:
+        """The reference lookup (-1 for a hash not in the table): vectorised probes per bucket."""
+        hs, ids, starts, bits = self._hash_lookup
         bucket = (hashes >> np.uint64(64 - bits)).astype(np.int64)
         lo, hi = starts[bucket], starts[bucket + 1]
         out = np.full(len(hashes), -1, dtype=np.int64)
@@ -183,12 +151,6 @@ class Store:
             out[todo[hit]] = ids[cand[hit]]
             todo = todo[~hit]
             j += 1
-        bad = out < 0
-        if bad.any():
-            raise StoreFormatError(
-                f"{self.uri}{where}: {int(bad.sum())} token hash(es) not in the vocabulary table "
-                f"(first: {int(hashes[bad][0]):#x}); the store's vocab.parquet does not belong to its shards"
-            )
         return out
 
     # -- reading -----------------------------------------------------------------------
@@ -398,6 +360,56 @@ class Store:
         gaps = raw.gaps
         if entry_offsets[-1] != len(gaps):
             raise StoreFormatError(f"{where}: counts sum to {int(entry_offsets[-1])} but there are {len(gaps)} entries; the shard is corrupt")
+        if native.AVAILABLE:
+            idx = np.empty(len(gaps), dtype=np.int64)
+            probs = np.empty(len(gaps), dtype=np.float32)
+            tail = np.empty(n_pos, dtype=np.float32)
+            starts = raw.pos_off[:-1]
+            self.decode_rows_into(raw, row_pos=starts, row_len=np.diff(raw.pos_off), row_out=starts,
+                                  row_ent=entry_offsets[starts], k_out=0, out_idx=idx, out_probs=probs, out_tail=tail, where=where)
+        else:
+            idx, probs, tail = self._decode_numpy(raw, counts, entry_offsets, fixed_k, where)
+        if raw.tokens is None:
+            input_ids = np.zeros(0, dtype=np.int64)
+        elif raw.tokens_are_ids:
+            input_ids = raw.tokens.astype(np.int64)
+        else:
+            input_ids = self.token_ids(raw.tokens, where=source)
+        return DecodedRows(
+            sample_id=list(raw.sample_id), window=raw.window, token_start=raw.token_start, context_len=raw.context_len,
+            positions=raw.pos_off, input_ids=input_ids, counts=counts, entry_offsets=entry_offsets,
+            indices=idx, probs=probs, tail=tail, label=raw.label,
+        )
+
+    def decode_rows_into(self, raw: "RawRows", *, tokens: np.ndarray | None = None, where: str, **plan) -> None:
+        """Decode rows of ``raw`` into any output layout with the native kernel:
+        ``plan`` is the rows and outputs of :func:`kdstore.native.decode_rows` (``row_pos``,
+        ``row_len``, ``row_out``, ``k_out``, ``out_idx``, ...); the source arrays, tables and
+        index order come from ``raw`` and this store. Requires :data:`kdstore.native.AVAILABLE`."""
+        m = self.manifest
+        native.decode_rows(
+            gaps=raw.gaps, pcodes=raw.pcodes, tail_codes=raw.tail_codes, counts=raw.counts, pos_entries=raw.entry_starts(),
+            fixed_k=0 if raw.counts is not None else min(m.selection.k, m.teacher.vocab_size), tokens=tokens,
+            ptable=self._decode_table(raw.pcodes.dtype), ttable=None if m.selection.mode == "sample" else self._tail_q.table(),
+            order=self.index_order, vocab_size=m.teacher.vocab_size, where=where, **plan,
+        )
+
+    def _decode_table(self, dtype: np.dtype) -> np.ndarray:
+        """float32 code -> probability table for the probability codes (sample mode: code / samples)."""
+        if self._probs_q is not None:
+            return self._probs_q.table()
+        tables = self.__dict__.setdefault("_count_tables", {})
+        if dtype not in tables:  # the numpy path's formula, so both give the same float32
+            tables[dtype] = np.arange(1 << (8 * np.dtype(dtype).itemsize), dtype=np.float32) / np.float32(self.manifest.selection.samples)
+        return tables[dtype]
+
+    def _decode_numpy(self, raw: "RawRows", counts: np.ndarray, entry_offsets: np.ndarray, fixed_k: int,
+                      where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The reference decode: ``(indices [E] int64, probs [E] float32, tail [P] float32)``."""
+        m = self.manifest
+        sel = m.selection
+        n_pos = len(counts)
+        gaps = raw.gaps
         if fixed_k and n_pos:
             # Top-k: a [P, k] view; the cumulative sum restarts per row by construction.
             g2 = gaps.reshape(n_pos, fixed_k)
@@ -414,12 +426,10 @@ class Store:
             last = idx[entry_offsets[1:][counts > 0] - 1]
         if len(idx):
             if dup:
-                raise StoreFormatError(f"{where}: a position repeats a kept index (zero gap); the shard is corrupt")
+                raise native.repeated_index_error(where)
             top = int(last.max())  # stored indices ascend within a position
             if top >= m.teacher.vocab_size:
-                raise StoreFormatError(
-                    f"{where}: index {top} >= teacher vocab size {m.teacher.vocab_size}; the shard is corrupt or from another teacher"
-                )
+                raise native.index_range_error(where, top, m.teacher.vocab_size)
         pcodes = raw.pcodes
         if self.index_order is not None and len(idx):
             # Ranks -> ids; entries stay in rank order (most frequent id first): re-sorting
@@ -442,18 +452,7 @@ class Store:
             else:
                 probs *= np.repeat(scale, counts)
             tail = tail * scale
-        if raw.tokens is None:
-            input_ids = np.zeros(0, dtype=np.int64)
-        elif raw.tokens_are_ids:
-            input_ids = raw.tokens.astype(np.int64)
-        else:
-            input_ids = self.token_ids(raw.tokens, where=source)
-        return DecodedRows(
-            sample_id=list(raw.sample_id), window=raw.window, token_start=raw.token_start, context_len=raw.context_len,
-            positions=raw.pos_off, input_ids=input_ids, counts=counts, entry_offsets=entry_offsets,
-            indices=idx, probs=probs.astype(np.float32, copy=False), tail=tail.astype(np.float32, copy=False),
-            label=raw.label,
-        )
+        return idx, probs.astype(np.float32, copy=False), tail.astype(np.float32, copy=False)
 
 
 def open(uri: str) -> Store:  # noqa: A001 - mirrors kdstore.open's public name

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdstore import format as F
+from kdstore import native
 from kdstore.errors import StoreError
 from kdstore.hashing import file_checksum
 from kdstore.quant import LogQuantizer, SqrtQuantizer, quantizer
@@ -68,6 +69,7 @@ def summarize(store: Store) -> dict[str, Any]:
         "bytes_per_entry": nbytes / entries if entries else None,
         "column_bytes_per_token": {c: b / tokens for c, b in sorted(col_bytes.items())} if tokens else {},
         "k": kstats,
+        "decoder": native.describe(),
     }
 
 
@@ -107,6 +109,7 @@ def inspect_main(argv: list[str], prog: str = "kd store inspect") -> int:
     if s["bytes_per_token"] is not None:
         lines.append(f"size         {s['bytes_per_token']:.2f} B/position, {s['bytes_per_entry']:.3f} B per kept entry")
         lines.append("  by column  " + ", ".join(f"{c} {b:.2f}" for c, b in s["column_bytes_per_token"].items()) + "  (B/position)")
+    lines.append(f"decoder      {s['decoder']}")
     if s["k"]:
         k = s["k"]
         lines.append(f"k/position   mean {k['mean']:.2f}  min {k['min']:.0f}  p10 {k['p10']:.0f}  p50 {k['p50']:.0f}  p90 {k['p90']:.0f}  max {k['max']:.0f}")

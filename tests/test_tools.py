@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import kdstore
+from kdstore import native
 from kdstore.cli import main as kd
 from kdstore.tools import position_stats
 
@@ -50,6 +51,7 @@ def test_inspect_text(stores, capsys):
     assert "selection    topk {'k': 8" in out
     assert "quantization probs=sqrt tail=sqrt bits=8; indices uint16 sorted_delta" in out
     assert "B per kept entry" in out and "k/position   mean 8.00" in out
+    assert f"decoder      {native.describe()}" in out
 
 
 def test_inspect_missing_store(tmp_path, capsys):

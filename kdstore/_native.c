@@ -1,0 +1,291 @@
+/* kdstore._native: the reader's fused decode kernel (optional; kdstore.native falls back to numpy).
+ *
+ * One pass per position over its stored codes: gaps -> cumulative sum (the stored index),
+ * rank -> id (the store's index order), code -> probability (a lookup table), joint
+ * renormalisation of the kept probabilities with the tail mass, written straight to the
+ * caller's output layout (flat [E] entries, or padded [S, T, K] slots), together with a
+ * training batch's per-position columns (ids, next-token labels, masks, counts). The numpy
+ * paths (kdstore.store.Store.decode_raw, SoftLabelDataset.collate) are the reference;
+ * tests/test_native.py holds the two equal.
+ *
+ * Why C: the numpy path makes seven passes over every entry (astype, cumsum, take, table
+ * lookup, sum, scale, gather/scatter) plus ~20 per-position array operations per batch, ~12 ns
+ * per kept entry, against ~13 ns for Parquet to
+ * decode the same entry (bench/reader_bench.py). This kernel takes ~1.5 ns.
+ *
+ * Only the buffer protocol is used (no numpy headers): the wrapper in kdstore/native.py
+ * checks dtypes and contiguity; this file checks every index it follows against the buffer
+ * it indexes, so a corrupt shard or a wrong argument raises instead of reading out of bounds.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+/* Status codes, mirrored in kdstore/native.py. */
+enum { OK = 0, DUP = 1, RANGE = 2, CODE = 3, VOCAB = 4 };
+
+typedef struct {
+    /* source: one shard's undecoded codes */
+    const void *gaps; int gsz; Py_ssize_t n_gaps;
+    const void *pcodes; int psz;
+    const void *tcodes; int tsz; Py_ssize_t n_pos_src;
+    const void *counts; int csz; int64_t fixed_k;  /* counts == NULL: fixed_k per position */
+    const int64_t *pos_ent;                          /* first entry of each source position (variable k) */
+    const int64_t *tokens; Py_ssize_t n_tokens;      /* teacher ids, or NULL */
+    /* rows */
+    const int64_t *row_pos, *row_len, *row_out, *row_ctx, *row_ent; Py_ssize_t n_rows;
+    int64_t k_out;                                   /* padded slots per position; 0: flat output (row_ent) */
+    /* tables */
+    const float *ptable; Py_ssize_t n_ptable;
+    const float *ttable; Py_ssize_t n_ttable;
+    const int64_t *order; int64_t vocab;
+    /* outputs */
+    int64_t *out_idx; float *out_probs; Py_ssize_t n_out_ent;
+    float *out_tail; Py_ssize_t n_out_pos;
+    int64_t *out_counts, *out_ids, *out_labels; uint8_t *out_mask, *out_kd_mask;
+} Job;
+
+static inline uint32_t rd(const void *b, int sz, Py_ssize_t i) {
+    switch (sz) {
+    case 1: return ((const uint8_t *)b)[i];
+    case 2: return ((const uint16_t *)b)[i];
+    default: return ((const uint32_t *)b)[i];
+    }
+}
+
+/* The loop over rows and their positions, specialised on the code widths (GT: gaps, PT:
+ * probability codes) so that the per-entry loop has no width switch. Per position: its
+ * entries (cumulative gaps, rank -> id, code -> probability, renormalised with the tail) and,
+ * when asked for, the per-position columns of a training batch (ids, next-token label,
+ * masks, counts). Returns a status; *bad gets the offending value. */
+#define DEFINE_KERNEL(NAME, GT, PT)                                                             \
+static int NAME(const Job *j, int64_t *bad) {                                                   \
+    /* fields in locals: the output stores (int64/float) could alias the job's fields, and  \
+     * the compiler would reload them for every entry */                                      \
+    const GT *gaps = (const GT *)j->gaps;                                                       \
+    const PT *pc = (const PT *)j->pcodes;                                                       \
+    const float *ptable = j->ptable, *ttable = j->ttable;                                       \
+    const Py_ssize_t n_ptable = j->n_ptable, n_ttable = j->n_ttable;                            \
+    const int64_t *order = j->order, *pos_ent = j->pos_ent, *tokens = j->tokens;                \
+    const int64_t fixed_k = j->fixed_k, k_out = j->k_out, vocab = j->vocab;                     \
+    const void *counts = j->counts;                                                             \
+    int64_t *const out_idx = j->out_idx, *const out_counts = j->out_counts;                     \
+    int64_t *const out_ids = j->out_ids, *const out_labels = j->out_labels;                     \
+    float *const out_probs = j->out_probs, *const out_tail = j->out_tail;                       \
+    uint8_t *const out_mask = j->out_mask, *const out_kd_mask = j->out_kd_mask;                 \
+    const void *tcodes = j->tcodes;                                                             \
+    const int csz = j->csz, tsz = j->tsz;                                                       \
+    const Py_ssize_t n_gaps = j->n_gaps, n_out_ent = j->n_out_ent;                              \
+    for (Py_ssize_t r = 0; r < j->n_rows; r++) {                                                \
+        int64_t p0 = j->row_pos[r], n = j->row_len[r], q0 = j->row_out[r];                      \
+        int64_t ctx = j->row_ctx ? j->row_ctx[r] : 0, eo = j->row_ent ? j->row_ent[r] : 0;      \
+        if (n < 0 || p0 < 0 || p0 + n > j->n_pos_src || q0 < 0 || q0 + n > j->n_out_pos        \
+            || (tokens && p0 + n > j->n_tokens)) { *bad = r; return RANGE; }                 \
+        for (int64_t t = 0; t < n; t++) {                                                       \
+            int64_t sp = p0 + t, q = q0 + t;                                                    \
+            int64_t k = counts ? (int64_t)rd(counts, csz, sp) : fixed_k;            \
+            int64_t s = counts ? pos_ent[sp] : sp * fixed_k;                           \
+            int64_t o = k_out ? q * k_out : eo;                                           \
+            if (k < 0 || s < 0 || s + k > n_gaps || o < 0 || o + k > n_out_ent || (k_out && k > k_out)) { \
+                *bad = r; return RANGE;                                                         \
+            }                                                                                   \
+            eo += k;                                                                            \
+            const GT *g = gaps + s; const PT *c = pc + s;                                       \
+            int64_t *di = out_idx + o; float *dp = out_probs + o;                         \
+            /* four partial sums: one chain of dependent adds would bound the loop by the add  \
+             * latency */                                                                       \
+            int64_t acc = 0; double part[4] = {0.0, 0.0, 0.0, 0.0};                             \
+            for (int64_t e = 0; e < k; e++) {                                                   \
+                if (e > 0 && g[e] == 0) { *bad = r; return DUP; }                               \
+                acc += g[e];                                                                    \
+                di[e] = acc;                                                                    \
+                if ((Py_ssize_t)c[e] >= n_ptable) { *bad = c[e]; return CODE; }                 \
+                float v = ptable[c[e]];                                                         \
+                dp[e] = v; part[e & 3] += v;                                                    \
+            }                                                                                   \
+            double kept = (part[0] + part[1]) + (part[2] + part[3]);                            \
+            if (k > 0) {                                                                        \
+                if (acc >= vocab) { *bad = acc; return VOCAB; } /* the last is the largest */ \
+                if (order) for (int64_t e = 0; e < k; e++) di[e] = order[di[e]];          \
+            }                                                                                   \
+            if (ttable) {                                                                    \
+                uint32_t tc = rd(tcodes, tsz, sp);                                        \
+                if ((Py_ssize_t)tc >= n_ttable) { *bad = tc; return CODE; }                   \
+                float tl = ttable[tc];                                                       \
+                float total = (float)kept + tl;                                                 \
+                float scale = total > 0.0f ? 1.0f / (total > 1e-30f ? total : 1e-30f) : 1.0f;  \
+                for (int64_t e = 0; e < k; e++) dp[e] *= scale;                                 \
+                out_tail[q] = tl * scale;                                                    \
+            } else {                                                                            \
+                out_tail[q] = 0.0f;                                                          \
+            }                                                                                   \
+            if (out_counts) out_counts[q] = k;                                            \
+            if (out_mask) out_mask[q] = 1;                                                \
+            int has_kd = t >= ctx;                                                              \
+            if (out_kd_mask) out_kd_mask[q] = (uint8_t)has_kd;                            \
+            if (out_ids) out_ids[q] = tokens ? tokens[sp] : 0;                      \
+            if (out_labels)                                                                  \
+                out_labels[q] = (has_kd && t + 1 < n && tokens) ? tokens[sp + 1] : -100; \
+        }                                                                                       \
+    }                                                                                           \
+    return OK;                                                                                  \
+}
+
+DEFINE_KERNEL(k_1_1, uint8_t, uint8_t)
+DEFINE_KERNEL(k_2_1, uint16_t, uint8_t)
+DEFINE_KERNEL(k_4_1, uint32_t, uint8_t)
+DEFINE_KERNEL(k_1_2, uint8_t, uint16_t)
+DEFINE_KERNEL(k_2_2, uint16_t, uint16_t)
+DEFINE_KERNEL(k_4_2, uint32_t, uint16_t)
+DEFINE_KERNEL(k_1_4, uint8_t, uint32_t)
+DEFINE_KERNEL(k_2_4, uint16_t, uint32_t)
+DEFINE_KERNEL(k_4_4, uint32_t, uint32_t)
+
+/* Arguments, in order: name, element size (0: an unsigned code array of 1, 2 or 4 bytes),
+ * writable, may be None. */
+typedef struct { const char *name; Py_ssize_t size; int writable, optional; } Arg;
+static const Arg ARGS[] = {
+    {"gaps", 0, 0, 0}, {"pcodes", 0, 0, 0}, {"tail_codes", 0, 0, 0}, {"counts", 0, 0, 1}, {"pos_ent", 8, 0, 1},
+    {"tokens", 8, 0, 1}, {"row_pos", 8, 0, 0}, {"row_len", 8, 0, 0}, {"row_out", 8, 0, 0}, {"row_ctx", 8, 0, 1},
+    {"row_ent", 8, 0, 1}, {"ptable", 4, 0, 0}, {"ttable", 4, 0, 1}, {"order", 8, 0, 1}, {"out_idx", 8, 1, 0},
+    {"out_probs", 4, 1, 0}, {"out_tail", 4, 1, 0}, {"out_counts", 8, 1, 1}, {"out_ids", 8, 1, 1},
+    {"out_labels", 8, 1, 1}, {"out_mask", 1, 1, 1}, {"out_kd_mask", 1, 1, 1},
+};
+enum { NARGS = sizeof(ARGS) / sizeof(ARGS[0]) };
+enum { GAPS, PCODES, TCODES, COUNTS, POS_ENT, TOKENS, ROW_POS, ROW_LEN, ROW_OUT, ROW_CTX, ROW_ENT, PTABLE, TTABLE,
+       ORDER, OUT_IDX, OUT_PROBS, OUT_TAIL, OUT_COUNTS, OUT_IDS, OUT_LABELS, OUT_MASK, OUT_KD_MASK };
+
+static PyObject *decode_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o[NARGS];
+    long long fixed_k, k_out, vocab;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOOOOOOOOLLL", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
+                          &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15], &o[16], &o[17], &o[18],
+                          &o[19], &o[20], &o[21], &fixed_k, &k_out, &vocab))
+        return NULL;
+    Py_buffer b[NARGS];
+    int have[NARGS] = {0};
+    PyObject *result = NULL;
+    for (int i = 0; i < NARGS; i++) {
+        if (o[i] == Py_None && ARGS[i].optional) continue;
+        if (PyObject_GetBuffer(o[i], &b[i], PyBUF_C_CONTIGUOUS | (ARGS[i].writable ? PyBUF_WRITABLE : 0)) < 0) goto done;
+        have[i] = 1;
+        Py_ssize_t sz = b[i].itemsize;
+        if (ARGS[i].size ? sz != ARGS[i].size : !(sz == 1 || sz == 2 || sz == 4)) {
+            PyErr_Format(PyExc_TypeError, "%s: element size %zd, expected %zd", ARGS[i].name, sz, ARGS[i].size);
+            goto done;
+        }
+    }
+#define N(i) (b[i].len / b[i].itemsize)
+    Py_ssize_t R = N(ROW_POS);
+    if (N(ROW_LEN) != R || N(ROW_OUT) != R || (have[ROW_CTX] && N(ROW_CTX) != R) || (have[ROW_ENT] && N(ROW_ENT) != R)) {
+        PyErr_SetString(PyExc_ValueError, "row_pos, row_len, row_out (row_ctx, row_ent) must have one value per row");
+        goto done;
+    }
+    if (N(PCODES) != N(GAPS) || (have[COUNTS] && (!have[POS_ENT] || N(COUNTS) != N(TCODES) || N(POS_ENT) != N(TCODES)))) {
+        PyErr_SetString(PyExc_ValueError, "gaps/pcodes must have one code per entry, counts/pos_ent one value per position");
+        goto done;
+    }
+    if (N(OUT_IDX) != N(OUT_PROBS) || (k_out == 0 && !have[ROW_ENT]) || k_out < 0) {
+        PyErr_SetString(PyExc_ValueError, "out_idx/out_probs must have the same slots; flat output (k_out=0) needs row_ent");
+        goto done;
+    }
+    for (int i = OUT_COUNTS; i <= OUT_KD_MASK; i++)
+        if (have[i] && N(i) != N(OUT_TAIL)) {
+            PyErr_Format(PyExc_ValueError, "%s must have one value per output position, like out_tail", ARGS[i].name);
+            goto done;
+        }
+    if (have[ORDER] && N(ORDER) < vocab) {
+        PyErr_SetString(PyExc_ValueError, "order must have one id per rank (vocab values)");
+        goto done;
+    }
+#define P(i, T) (have[i] ? (T)b[i].buf : NULL)
+    Job j = {
+        .gaps = b[GAPS].buf, .gsz = (int)b[GAPS].itemsize, .n_gaps = N(GAPS),
+        .pcodes = b[PCODES].buf, .psz = (int)b[PCODES].itemsize,
+        .tcodes = b[TCODES].buf, .tsz = (int)b[TCODES].itemsize, .n_pos_src = N(TCODES),
+        .counts = P(COUNTS, const void *), .csz = have[COUNTS] ? (int)b[COUNTS].itemsize : 0, .fixed_k = fixed_k,
+        .pos_ent = P(POS_ENT, const int64_t *), .tokens = P(TOKENS, const int64_t *), .n_tokens = have[TOKENS] ? N(TOKENS) : 0,
+        .row_pos = b[ROW_POS].buf, .row_len = b[ROW_LEN].buf, .row_out = b[ROW_OUT].buf,
+        .row_ctx = P(ROW_CTX, const int64_t *), .row_ent = P(ROW_ENT, const int64_t *), .n_rows = R, .k_out = k_out,
+        .ptable = b[PTABLE].buf, .n_ptable = N(PTABLE),
+        .ttable = P(TTABLE, const float *), .n_ttable = have[TTABLE] ? N(TTABLE) : 0,
+        .order = P(ORDER, const int64_t *), .vocab = vocab,
+        .out_idx = b[OUT_IDX].buf, .out_probs = b[OUT_PROBS].buf, .n_out_ent = N(OUT_IDX),
+        .out_tail = b[OUT_TAIL].buf, .n_out_pos = N(OUT_TAIL),
+        .out_counts = P(OUT_COUNTS, int64_t *), .out_ids = P(OUT_IDS, int64_t *), .out_labels = P(OUT_LABELS, int64_t *),
+        .out_mask = P(OUT_MASK, uint8_t *), .out_kd_mask = P(OUT_KD_MASK, uint8_t *),
+    };
+#undef P
+#undef N
+    int64_t bad = 0;
+    int status;
+    int (*kernels[3][3])(const Job *, int64_t *) = {
+        {k_1_1, k_1_2, k_1_4}, {k_2_1, k_2_2, k_2_4}, {k_4_1, k_4_2, k_4_4}};
+    int gi = j.gsz == 1 ? 0 : j.gsz == 2 ? 1 : 2, pi = j.psz == 1 ? 0 : j.psz == 2 ? 1 : 2;
+    Py_BEGIN_ALLOW_THREADS
+    status = kernels[gi][pi](&j, &bad);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("iL", status, (long long)bad);
+done:
+    for (int i = 0; i < NARGS; i++)
+        if (have[i]) PyBuffer_Release(&b[i]);
+    return result;
+}
+
+/* token_ids(hashes u64[N], hs u64[V], ids i64[V], starts i64[2^bits + 1], bits, out i64[N])
+ * -> (missing, first missing index): Store.token_ids's bucketed lookup (hs sorted, bucket b
+ * = top `bits` hash bits holds hs[starts[b]:starts[b + 1]]), one probe loop per hash. */
+static PyObject *token_ids(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o[5];
+    int bits;
+    if (!PyArg_ParseTuple(args, "OOOOiO", &o[0], &o[1], &o[2], &o[3], &bits, &o[4])) return NULL;
+    static const char *names[] = {"hashes", "hs", "ids", "starts", "out"};
+    Py_buffer b[5];
+    int have = 0;
+    PyObject *result = NULL;
+    for (; have < 5; have++) {
+        if (PyObject_GetBuffer(o[have], &b[have], PyBUF_C_CONTIGUOUS | (have == 4 ? PyBUF_WRITABLE : 0)) < 0) goto done;
+        if (b[have].itemsize != 8) {
+            PyErr_Format(PyExc_TypeError, "%s: element size %zd, expected 8", names[have], b[have].itemsize);
+            have++;
+            goto done;
+        }
+    }
+    Py_ssize_t n = b[0].len / 8, v = b[1].len / 8, nb = b[3].len / 8;
+    if (bits < 1 || bits > 32 || nb != ((Py_ssize_t)1 << bits) + 1 || b[2].len / 8 != v || b[4].len / 8 != n) {
+        PyErr_SetString(PyExc_ValueError, "token_ids: starts must have 2**bits + 1 values, ids one per hash, out one per query");
+        goto done;
+    }
+    const uint64_t *h = b[0].buf, *hs = b[1].buf;
+    const int64_t *ids = b[2].buf, *st = b[3].buf;
+    int64_t *out = b[4].buf;
+    Py_ssize_t missing = 0, first = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t x = h[i];
+        int64_t bk = (int64_t)(x >> (64 - bits)), lo = st[bk], hi = st[bk + 1], id = -1;
+        if (lo < 0) lo = 0;
+        if (hi > v) hi = v;
+        for (int64_t c = lo; c < hi; c++)
+            if (hs[c] == x) { id = ids[c]; break; }
+        out[i] = id;
+        if (id < 0 && missing++ == 0) first = i;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nn", missing, first);
+done:
+    for (int i = 0; i < have; i++) PyBuffer_Release(&b[i]);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"token_ids", token_ids, METH_VARARGS, "token_ids(hashes, hs, ids, starts, bits, out) -> (missing, first); see kdstore/native.py"},
+    {"decode_rows", decode_rows, METH_VARARGS, "decode_rows(...) -> (status, bad); see kdstore/native.py"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "kdstore's fused decode kernel", -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,158 @@
+"""The reader's fused decode kernel (``kdstore/_native.c``), with the numpy path as fallback.
+
+:func:`decode_into` decodes stored codes of ``n`` positions straight into the caller's
+output layout in one pass per position: cumulative sum of the index gaps, rank -> id (the
+store's index order), code -> probability (lookup table) and, when the store codes a tail,
+the joint renormalisation of kept probabilities and tail (:meth:`kdstore.Store.decode_raw`
+documents the semantics; its numpy code is the reference the kernel is tested against in
+``tests/test_native.py``).
+
+The extension is optional (built by ``pip install`` where a C compiler exists). Without it,
+or with ``KDSTORE_NATIVE=0`` in the environment, :data:`AVAILABLE` is False and the store and
+dataset use numpy (same values up to float32 rounding of the renormalisation sum, about 2x
+slower: ``bench/reader_bench.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from kdstore.errors import StoreFormatError
+
+try:
+    if os.environ.get("KDSTORE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise ImportError("disabled by KDSTORE_NATIVE")
+    from kdstore import _native  # type: ignore[attr-defined]
+except ImportError as exc:  # no compiler at install time, or disabled: numpy path
+    _native = None
+    WHY_NOT = str(exc)
+else:
+    WHY_NOT = ""
+
+#: True when the compiled kernel is importable and enabled.
+AVAILABLE = _native is not None
+
+# Status codes of the kernel (kdstore/_native.c).
+_OK, _DUP, _RANGE, _CODE, _VOCAB = range(5)
+
+
+def describe() -> str:
+    """One line for ``kd store inspect`` and benchmarks: which decode path runs."""
+    return "native kernel (kdstore._native)" if AVAILABLE else f"numpy ({WHY_NOT or 'kdstore._native not built'})"
+
+
+def repeated_index_error(where: str) -> StoreFormatError:
+    """A zero gap after a position's first entry (shared with the numpy path)."""
+    return StoreFormatError(f"{where}: a position repeats a kept index (zero gap); the shard is corrupt")
+
+
+def index_range_error(where: str, index: int, vocab_size: int) -> StoreFormatError:
+    """A stored index outside the teacher's vocabulary (shared with the numpy path)."""
+    return StoreFormatError(f"{where}: index {index} >= teacher vocab size {vocab_size}; the shard is corrupt or from another teacher")
+
+
+def _u(a: np.ndarray, name: str) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    if a.dtype.kind != "u" or a.itemsize not in (1, 2, 4):
+        raise TypeError(f"{name}: expected an unsigned 8/16/32-bit code array, got {a.dtype}")
+    return a
+
+
+def _i64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def token_ids(hashes: np.ndarray, lookup: tuple[np.ndarray, np.ndarray, np.ndarray, int]) -> tuple[np.ndarray, int, int]:
+    """Token hashes ``[N]`` -> teacher ids ``[N]`` int64 through ``Store._hash_lookup``'s
+    bucketed table (requires :data:`AVAILABLE`). Returns ``(ids, missing, first_missing)``;
+    ids of hashes not in the table are -1."""
+    if _native is None:
+        raise RuntimeError(f"the native decode kernel is not available: {WHY_NOT}")
+    hs, ids, starts, bits = lookup
+    out = np.empty(len(hashes), dtype=np.int64)
+    missing, first = _native.token_ids(np.ascontiguousarray(hashes, dtype=np.uint64), np.ascontiguousarray(hs, dtype=np.uint64),
+                                       _i64(ids), _i64(starts), int(bits), out)
+    return out, missing, first
+
+
+def decode_rows(
+    *,
+    gaps: np.ndarray,
+    pcodes: np.ndarray,
+    tail_codes: np.ndarray,
+    counts: np.ndarray | None,
+    pos_entries: np.ndarray | None,
+    fixed_k: int,
+    tokens: np.ndarray | None,
+    row_pos: np.ndarray,
+    row_len: np.ndarray,
+    row_out: np.ndarray,
+    row_ctx: np.ndarray | None = None,
+    row_ent: np.ndarray | None = None,
+    k_out: int,
+    ptable: np.ndarray,
+    ttable: np.ndarray | None,
+    order: np.ndarray | None,
+    vocab_size: int,
+    out_idx: np.ndarray,
+    out_probs: np.ndarray,
+    out_tail: np.ndarray,
+    out_counts: np.ndarray | None = None,
+    out_ids: np.ndarray | None = None,
+    out_labels: np.ndarray | None = None,
+    out_mask: np.ndarray | None = None,
+    out_kd_mask: np.ndarray | None = None,
+    where: str,
+) -> None:
+    """Decode R rows of one source into preallocated outputs (requires :data:`AVAILABLE`).
+
+    Source (one shard's undecoded codes, :class:`kdstore.rows.RawRows`): ``gaps``/``pcodes``
+    ``[E_src]`` and ``tail_codes`` ``[P_src]`` unsigned codes; ``counts`` ``[P_src]`` kept
+    entries per position with ``pos_entries`` ``[P_src]`` int64 their first entry, or None
+    (top-k: ``fixed_k`` each); ``tokens`` ``[P_src]`` int64 teacher ids or None.
+
+    Rows: row r is source positions ``row_pos[r] : row_pos[r] + row_len[r]``, written to
+    output positions ``row_out[r] + t`` (flat index into ``[S * T]``); ``row_ctx[r]`` its
+    overlap context (positions before it get ``kd_mask`` 0 and label -100).
+
+    Entries of output position q go to slots ``q * k_out ...`` of ``out_idx`` (int64) and
+    ``out_probs`` (float32) (padded ``[S, T, k_out]``), or, with ``k_out=0``, row after row
+    from ``row_ent[r]`` (flat ``[E]``). ``ptable``/``ttable``: float32 code -> probability;
+    ``ttable=None`` (sample mode) writes tail 0 and does not renormalise. ``order``:
+    ``[vocab_size]`` int64 rank -> id, or None. Per output position (``[S * T]``, each
+    optional but ``out_tail``): ``out_tail`` float32, ``out_counts``/``out_ids``/
+    ``out_labels`` int64 (label: the row's next token, -100 at its last position and in its
+    context), ``out_mask``/``out_kd_mask`` bool. Only the slots named are written (the caller
+    zero-fills padding). Raises :class:`StoreFormatError` naming ``where`` for a corrupt shard
+    (zero gap, index >= vocab, code outside its table).
+    """
+    if _native is None:
+        raise RuntimeError(f"the native decode kernel is not available: {WHY_NOT}")
+    outs = {"out_idx": (out_idx, np.int64), "out_probs": (out_probs, np.float32), "out_tail": (out_tail, np.float32),
+            "out_counts": (out_counts, np.int64), "out_ids": (out_ids, np.int64), "out_labels": (out_labels, np.int64),
+            "out_mask": (out_mask, np.bool_), "out_kd_mask": (out_kd_mask, np.bool_)}
+    for name, (a, dt) in outs.items():
+        if a is not None and (a.dtype != dt or not a.flags.c_contiguous):
+            raise TypeError(f"{name}: expected a C-contiguous {np.dtype(dt)} array, got {a.dtype}")
+    opt = lambda a, f: None if a is None else f(a)  # noqa: E731
+    flat = lambda a: None if a is None else a.reshape(-1)  # noqa: E731
+    status, bad = _native.decode_rows(
+        _u(gaps, "gaps"), _u(pcodes, "pcodes"), _u(tail_codes, "tail_codes"), opt(counts, lambda a: _u(a, "counts")),
+        opt(pos_entries, _i64), opt(tokens, _i64), _i64(row_pos), _i64(row_len), _i64(row_out), opt(row_ctx, _i64),
+        opt(row_ent, _i64), np.ascontiguousarray(ptable, dtype=np.float32),
+        opt(ttable, lambda a: np.ascontiguousarray(a, dtype=np.float32)), opt(order, _i64),
+        flat(out_idx), flat(out_probs), flat(out_tail), flat(out_counts), flat(out_ids), flat(out_labels),
+        flat(out_mask), flat(out_kd_mask), int(fixed_k), int(k_out), int(vocab_size),
+    )
+    if status == _OK:
+        return
+    if status == _DUP:
+        raise repeated_index_error(where)
+    if status == _VOCAB:
+        raise index_range_error(where, bad, vocab_size)
+    if status == _CODE:
+        raise StoreFormatError(f"{where}: probability code {bad} outside the store's quantization table; the shard is corrupt")
+    # _RANGE: offsets outside the arrays: the caller's plan, not the shard, is wrong.
+    raise IndexError(f"{where}: row {bad} of the decode plan points outside the source or output arrays")

@@ -1,0 +1,237 @@
+"""The native decode kernel (kdstore/_native.c) against the numpy reference paths.
+
+Both paths run in the same process: ``kdstore.native.AVAILABLE`` is read at call time, so a
+test switches the kernel off with ``monkeypatch`` and compares. Values: indices, counts,
+ids, labels and masks exactly; probabilities and tail to float32 rounding (the kernel sums a
+position's kept mass in float64, numpy in float32).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kdstore
+from kdstore import native
+from kdstore.dataset import SoftLabelDataset
+from kdstore.errors import StoreFormatError
+from kdstore.writer import frequency_order
+from tests._storeutil import make_rows, plant_shard, write_store
+
+V = 300
+needs_kernel = pytest.mark.skipif(not native.AVAILABLE, reason=f"native kernel not available: {native.WHY_NOT}")
+
+
+def test_the_kernel_is_built_here():
+    """The install builds the extension wherever a C compiler exists (CI has one): a silent
+    build failure would leave every test below skipped and the reader 2x slower."""
+    if os.environ.get("KDSTORE_NATIVE", "1") in ("0", "false", "no", "off"):
+        pytest.skip("disabled by KDSTORE_NATIVE")
+    assert native.AVAILABLE, f"kdstore._native did not import ({native.WHY_NOT}); reinstall with a C compiler (pip install -e .)"
+    assert native.describe().startswith("native kernel")
+
+
+def _store(path: Path, mode: str, *, seed: int = 0, n_rows: int = 23, max_len: int = 12, bits: int = 8,
+           scheme: str = "sqrt", ranked: bool = False, shard_bytes: int | None = None) -> kdstore.Store:
+    rows, _ = make_rows(n_rows, V, mode, seed=seed, max_len=max_len)
+    kw = {}
+    if ranked:  # rank_delta coding: a frequency order that is not the identity
+        counts = np.bincount(np.concatenate([r.indices for r in rows]), minlength=V)
+        kw["index_order"] = frequency_order(counts, V)
+    if shard_bytes is not None:
+        kw["shard_bytes"] = shard_bytes
+    write_store(path, rows, v=V, mode=mode, bits=bits, scheme=scheme, row_group_rows=4, **kw)
+    return kdstore.open(str(path))
+
+
+def _decode_both(store: kdstore.Store, monkeypatch) -> tuple[list, list]:
+    out = []
+    for on in (True, False):
+        monkeypatch.setattr(native, "AVAILABLE", on)
+        out.append(list(store.iter_decoded(batch_rows=5)))
+    monkeypatch.setattr(native, "AVAILABLE", True)
+    return out[0], out[1]
+
+
+def _same_decoded(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.sample_id == y.sample_id
+        for name in ("positions", "input_ids", "counts", "entry_offsets", "indices", "window", "context_len"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=name)
+        assert x.probs.dtype == y.probs.dtype == np.float32 and x.tail.dtype == y.tail.dtype == np.float32
+        np.testing.assert_allclose(x.probs, y.probs, rtol=2e-6, atol=1e-7)
+        np.testing.assert_allclose(x.tail, y.tail, rtol=2e-6, atol=1e-7)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["topk", "top_p", "sample"])
+@pytest.mark.parametrize("ranked", [False, True])
+def test_decode_equals_numpy(tmp_path, monkeypatch, mode, ranked):
+    store = _store(tmp_path / "s", mode, ranked=ranked)
+    a, b = _decode_both(store, monkeypatch)
+    _same_decoded(a, b)
+    # and the decoded mass is a distribution per position (sample mode: counts / samples)
+    for d in a:
+        mass = np.bincount(np.repeat(np.arange(len(d.counts)), d.counts), weights=d.probs, minlength=len(d.counts)) + d.tail
+        np.testing.assert_allclose(mass, 1.0, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,scheme", [(16, "sqrt"), (16, "log"), (8, "log")])
+def test_decode_equals_numpy_other_code_widths(tmp_path, monkeypatch, bits, scheme):
+    store = _store(tmp_path / "s", "top_p", bits=bits, scheme=scheme)
+    _same_decoded(*_decode_both(store, monkeypatch))
+
+
+@needs_kernel
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=st.sampled_from(["topk", "top_p", "sample"]), seed=st.integers(0, 10_000), n_rows=st.integers(1, 30),
+       max_len=st.integers(1, 40), ranked=st.booleans())
+def test_decode_equals_numpy_property(monkeypatch, mode, seed, n_rows, max_len, ranked):
+    with tempfile.TemporaryDirectory() as d:
+        store = _store(Path(d) / "s", mode, seed=seed, n_rows=n_rows, max_len=max_len, ranked=ranked)
+        _same_decoded(*_decode_both(store, monkeypatch))
+
+
+def _batches_both(store, monkeypatch, **kw) -> tuple[list, list]:
+    out = []
+    for on in (True, False):
+        monkeypatch.setattr(native, "AVAILABLE", on)
+        out.append(list(SoftLabelDataset(store, **kw)))
+    monkeypatch.setattr(native, "AVAILABLE", True)
+    return out[0], out[1]
+
+
+def _same_batches(a, b) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            u, w = x[key], y[key]
+            if isinstance(u, torch.Tensor):
+                assert u.dtype == w.dtype and u.shape == w.shape, key
+                if u.is_floating_point():
+                    torch.testing.assert_close(u, w, rtol=2e-6, atol=1e-7, msg=key)
+                else:
+                    assert torch.equal(u, w), key
+            else:
+                assert u == w, key
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["topk", "top_p", "sample"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_dataset_batches_equal_numpy(tmp_path, monkeypatch, mode, pack):
+    """Several shards (rows of a batch from different shards), rows of different lengths
+    (padding), overlap context (context_len), shuffled: the fused batch is the two-step one."""
+    store = _store(tmp_path / "s", mode, n_rows=40, max_len=30, ranked=mode == "topk", shard_bytes=2_000)
+    assert len(store.shards) > 2
+    _same_batches(*_batches_both(store, monkeypatch, batch_size=6, seed=3, shuffle_block=2, pack=pack))
+
+
+@needs_kernel
+def test_dataset_batch_values_by_hand(tmp_path, monkeypatch):
+    """The fused batch against the stored rows themselves, position by position."""
+    store = _store(tmp_path / "s", "topk", n_rows=7, max_len=9)
+    (batch,) = list(SoftLabelDataset(store, batch_size=7, shuffle=False))
+    (d,) = list(store.iter_decoded(batch_rows=7))
+    for r in range(7):
+        a, b = d.positions[r], d.positions[r + 1]
+        n = b - a
+        assert batch["attention_mask"][r, :n].all() and not batch["attention_mask"][r, n:].any()
+        assert torch.equal(batch["input_ids"][r, :n], torch.from_numpy(d.input_ids[a:b]))
+        ctx = int(d.context_len[r])
+        want = [int(d.input_ids[a + t + 1]) if (t >= ctx and t + 1 < n) else -100 for t in range(n)]
+        assert batch["labels"][r, :n].tolist() == want and (batch["labels"][r, n:] == -100).all()
+        assert batch["kd_mask"][r, :n].tolist() == [t >= ctx for t in range(n)]
+        k = d.counts[0]
+        idx = torch.from_numpy(d.indices[d.entry_offsets[a]:d.entry_offsets[b]].reshape(n, k))
+        assert torch.equal(batch["kd_indices"][r, :n], idx)
+        assert (batch["kd_probs"][r, n:] == 0).all() and (batch["kd_tail"][r, n:] == 0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("native_on", [True, False])
+def test_corrupt_shard_same_error_on_both_paths(tmp_path, monkeypatch, native_on):
+    store = _store(tmp_path / "s", "topk", n_rows=5)
+    t = store.read_shard(0)
+    col = t.column("indices").combine_chunks()
+    gaps = col.values.to_numpy(zero_copy_only=False).copy()
+    first = col.offsets.to_numpy()[0]
+    gaps[first + 1] = 0  # the second entry of the first position repeats the first
+    t = t.set_column(t.schema.get_field_index("indices"), t.schema.field("indices"),
+                     pa.ListArray.from_arrays(col.offsets, pa.array(gaps, type=col.type.value_type)))
+    shard = plant_shard(tmp_path / "s", t)
+    monkeypatch.setattr(native, "AVAILABLE", native_on)
+    store = kdstore.open(str(tmp_path / "s"))
+    with pytest.raises(StoreFormatError, match=rf"{shard.name}.*repeats a kept index"):
+        list(store.iter_decoded())
+    with pytest.raises(StoreFormatError, match=rf"{shard.name}.*repeats a kept index"):
+        list(SoftLabelDataset(store, batch_size=2))
+
+
+@needs_kernel
+def test_code_outside_the_table_is_an_error(tmp_path):
+    """Stored code widths (8/16 bits) always fit their tables; the kernel still checks, so a
+    table shorter than the codes (a caller's mistake) cannot be read past."""
+    store = _store(tmp_path / "s", "topk", n_rows=3)
+    raw = store.raw(store.read_shard(0))
+    P, K = len(raw.tail_codes), 8
+    with pytest.raises(StoreFormatError, match=r"x: probability code \d+ outside the store's quantization table"):
+        native.decode_rows(gaps=raw.gaps, pcodes=raw.pcodes, tail_codes=raw.tail_codes, counts=None, pos_entries=None,
+                           fixed_k=K, tokens=None, row_pos=raw.pos_off[:-1], row_len=np.diff(raw.pos_off),
+                           row_out=raw.pos_off[:-1], k_out=K, ptable=np.zeros(4, np.float32), ttable=None, order=None,
+                           vocab_size=V, out_idx=np.zeros(P * K, np.int64), out_probs=np.zeros(P * K, np.float32),
+                           out_tail=np.zeros(P, np.float32), where="x")
+
+
+@needs_kernel
+def test_a_plan_outside_the_arrays_raises_instead_of_reading_past_them(tmp_path):
+    store = _store(tmp_path / "s", "topk", n_rows=3)
+    raw = store.raw(store.read_shard(0))
+    P, K = len(raw.tail_codes), 8
+    outs = dict(out_idx=np.zeros(P * K, np.int64), out_probs=np.zeros(P * K, np.float32), out_tail=np.zeros(P, np.float32))
+    ok = dict(row_pos=raw.pos_off[:-1], row_len=np.diff(raw.pos_off), row_out=raw.pos_off[:-1], k_out=K)
+    store.decode_rows_into(raw, where="x", **ok, **outs)  # in bounds
+    for bad in (dict(row_len=np.diff(raw.pos_off) + 1),  # past the source positions
+                dict(row_out=raw.pos_off[:-1] + 1),  # past the output positions
+                dict(k_out=K - 1)):  # a position's entries do not fit its slots
+        with pytest.raises(IndexError, match="outside the source or output arrays"):
+            store.decode_rows_into(raw, where="x", **{**ok, **bad}, **outs)
+    with pytest.raises(TypeError, match="out_probs"):
+        store.decode_rows_into(raw, where="x", **ok, **{**outs, "out_probs": np.zeros(P * K, np.float64)})
+
+
+@needs_kernel
+def test_token_ids_equal_numpy_and_report_unknown_hashes(tmp_path, monkeypatch):
+    store = _store(tmp_path / "s", "topk", n_rows=9)
+    hashes = store.vocab.column("hash").to_numpy()
+    rng = np.random.default_rng(0)
+    q = hashes[rng.integers(0, V, 5000)]
+    got = store.token_ids(q)
+    np.testing.assert_array_equal(got, store._token_ids_numpy(q))
+    np.testing.assert_array_equal(hashes[got], q)  # ids are the vocabulary rows here
+    q[17] ^= np.uint64(1)
+    for on in (True, False):
+        monkeypatch.setattr(native, "AVAILABLE", on)
+        with pytest.raises(StoreFormatError, match=r"1 token hash\(es\) not in the vocabulary table \(first: 0x"):
+            store.token_ids(q)
+
+
+def test_read_threads_change_nothing_but_speed(tmp_path):
+    """Shards read two at a time (the default) or one at a time: the same batches, in order."""
+    store = _store(tmp_path / "s", "top_p", n_rows=40, max_len=30, shard_bytes=2_000)
+    a = list(SoftLabelDataset(store, batch_size=5, seed=1, shuffle_block=3, read_threads=1))
+    b = list(SoftLabelDataset(store, batch_size=5, seed=1, shuffle_block=3))
+    _same_batches(a, b)
+    with pytest.raises(ValueError, match="read_threads must be >= 1"):
+        SoftLabelDataset(store, batch_size=5, read_threads=0)
