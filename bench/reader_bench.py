@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"Store: {t.label}, top-32 sqrt8, {a.copies} copies of one shard ({E:,} kept entries); batches of "
             f"{a.batch_size} rows, one process, {ds_threads} read threads; decoder: {native.describe()}. The machine was {machine}. Raw `read_table` (both cores) runs at "
             f"{raw_ns:.1f} ns per kept entry (wall).\n\n{t1}\n\nEach stage timed alone (the dataset overlaps the "
-            f"read, in a background thread, with the rest):\n\n{t2}\n\n"
+            f"read, in {ds_threads} background threads, with the rest):\n\n{t2}\n\n"
             f"The native rows decode each shard's rows of a batch straight into the `[B, T, K]` tensors with one "
             f"call of the C kernel (`kdstore/_native.c`); the numpy rows are the same readers with the kernel "
             f"switched off (what a machine without a C compiler runs; same tensors, `tests/test_native.py`). What "

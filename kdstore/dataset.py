@@ -11,8 +11,8 @@ dict (epoch, batches consumed): see :class:`StoreLoader`. Within a batch, rows a
 by shard (see ``SoftLabelDataset._decode_rows``).
 
 Memory and I/O: each DataLoader worker reads every shard of the current block (a block's
-rows are spread over all batches; with W workers a block is read W times), one background
-thread per worker loads the next block while the current one is decoded, and shards are
+rows are spread over all batches; with W workers a block is read W times), ``read_threads``
+threads per worker (default 2) load the next block while the current one is decoded, and shards are
 dropped after their last batch. Keep about 2 x ``shuffle_block`` x shard size x W within
 memory (shards are held with their stored code widths, ~3 B per kept entry).
 """
