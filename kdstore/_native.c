@@ -60,8 +60,8 @@ static inline uint32_t rd(const void *b, int sz, Py_ssize_t i) {
  * masks, counts). Returns a status; *bad gets the offending value. */
 #define DEFINE_KERNEL(NAME, GT, PT)                                                             \
 static int NAME(const Job *j, int64_t *bad) {                                                   \
-    /* fields in locals: the output stores (int64/float) could alias the job's fields, and  \
-     * the compiler would reload them for every entry */                                      \
+    /* fields in locals, so that the output stores (int64/float), which may alias the job's \
+     * fields, cannot force reloads (measured: no change with gcc -O3, kept as the safe form) */ \
     const GT *gaps = (const GT *)j->gaps;                                                       \
     const PT *pc = (const PT *)j->pcodes;                                                       \
     const float *ptable = j->ptable, *ttable = j->ttable;                                       \
@@ -92,8 +92,8 @@ static int NAME(const Job *j, int64_t *bad) {                                   
             eo += k;                                                                            \
             const GT *g = gaps + s; const PT *c = pc + s;                                       \
             int64_t *di = out_idx + o; float *dp = out_probs + o;                         \
-            /* four partial sums: one chain of dependent adds would bound the loop by the add  \
-             * latency */                                                                       \
+            /* kept mass in float64, four partial sums (no measured change against one sum at  \
+             * k = 32; shorter dependency chains for the long positions of top-p) */             \
             int64_t acc = 0; double part[4] = {0.0, 0.0, 0.0, 0.0};                             \
             for (int64_t e = 0; e < k; e++) {                                                   \
                 if (e > 0 && g[e] == 0) { *bad = r; return DUP; }                               \

@@ -255,13 +255,18 @@ class SoftLabelDataset(IterableDataset):
         Within a batch, rows come grouped by shard (shards in ascending order, rows in epoch
         order within a shard): a pure function of the epoch order, so resuming reproduces it.
         """
+        parts, source = self._batch_parts(ids, shard_of, get_shard)
+        return self.store.decode_raw(RawRows.gather(parts, fixed_k=self._fixed_k), source=source)
+
+    def _batch_parts(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> tuple[list[tuple[RawRows, np.ndarray]], str]:
+        """``([(loaded shard, its rows in it), ...], " (batch from FILES)")`` for the rows
+        ``ids`` of one batch, shards in ascending order (see :meth:`_decode_rows`)."""
         parts, files = [], []
         for s in np.unique(shard_of):
             raw = get_shard(int(s))
             parts.append((raw, raw.row_map[ids[shard_of == s] - self._offsets[s]]))
             files.append(self.store.shards[int(s)].file)
-        raw = RawRows.gather(parts, fixed_k=self._fixed_k)
-        return self.store.decode_raw(raw, source=f" (batch from {', '.join(files)})")
+        return parts, f" (batch from {', '.join(files)})"
 
     def _aligned_batch(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> dict[str, Any]:
         """One batch in the student's tokenization (``sequence=``): decode the rows, gather
@@ -272,8 +277,8 @@ class SoftLabelDataset(IterableDataset):
         from kdstore.align.sequence import offset_lists  # noqa: PLC0415
 
         d = self._decode_rows(ids, shard_of, get_shard)
-        shards = [(get_shard(int(s)), ids[shard_of == s] - self._offsets[s]) for s in np.unique(shard_of)]
-        texts = pa.concat_tables([raw.text_columns.take(pa.array(raw.row_map[local])) for raw, local in shards])
+        parts, _ = self._batch_parts(ids, shard_of, get_shard)
+        texts = pa.concat_tables([raw.text_columns.take(pa.array(rows)) for raw, rows in parts])
         where = f"{self.store.uri} (batch of {len(ids)} rows)"
         tx, off, bs, be = offset_lists(texts, where)
         rows = self.sequence.align_decoded(d, tx, off, bs, be, where=where)
@@ -411,12 +416,8 @@ class SoftLabelDataset(IterableDataset):
         kernel): each shard's rows are decoded straight into the ``[S, T(, K)]`` arrays by one
         kernel call, with no flat intermediate and no per-position numpy work. Same tensors
         as the two-step path (``tests/test_native.py``)."""
-        parts, files = [], []
-        for s in np.unique(shard_of):
-            raw = get_shard(int(s))
-            parts.append((raw, raw.row_map[ids[shard_of == s] - self._offsets[s]]))
-            files.append(self.store.shards[int(s)].file)
-        lengths = np.concatenate([np.diff(raw.pos_off)[rows] for raw, rows in parts])
+        parts, source = self._batch_parts(ids, shard_of, get_shard)
+        lengths = np.concatenate([raw.pos_off[rows + 1] - raw.pos_off[rows] for raw, rows in parts])
         if self._fixed_k:
             K = self._fixed_k if lengths.sum() else 1
         else:
@@ -427,7 +428,7 @@ class SoftLabelDataset(IterableDataset):
              "out_mask": np.zeros((S, T), dtype=bool), "out_kd_mask": np.zeros((S, T), dtype=bool),
              "out_idx": np.zeros((S, T, K), dtype=np.int64), "out_probs": np.zeros((S, T, K), dtype=np.float32),
              "out_tail": np.zeros((S, T), dtype=np.float32), "out_counts": np.zeros((S, T), dtype=np.int64)}
-        where = f"{self.store.uri} (batch from {', '.join(files)})"
+        where = f"{self.store.uri}{source}"
         at = 0
         for raw, rows in parts:
             n = len(rows)

@@ -1,7 +1,8 @@
 """The reader's fused decode kernel (``kdstore/_native.c``), with the numpy path as fallback.
 
-:func:`decode_into` decodes stored codes of ``n`` positions straight into the caller's
-output layout in one pass per position: cumulative sum of the index gaps, rank -> id (the
+:func:`decode_rows` decodes stored codes of a shard's rows straight into the caller's
+output layout (flat entries, or a padded ``[S, T, K]`` batch with its per-position columns)
+in one pass per position: cumulative sum of the index gaps, rank -> id (the
 store's index order), code -> probability (lookup table) and, when the store codes a tail,
 the joint renormalisation of kept probabilities and tail (:meth:`kdstore.Store.decode_raw`
 documents the semantics; its numpy code is the reference the kernel is tested against in
@@ -9,8 +10,9 @@ documents the semantics; its numpy code is the reference the kernel is tested ag
 
 The extension is optional (built by ``pip install`` where a C compiler exists). Without it,
 or with ``KDSTORE_NATIVE=0`` in the environment, :data:`AVAILABLE` is False and the store and
-dataset use numpy (same values up to float32 rounding of the renormalisation sum, about 2x
-slower: ``bench/reader_bench.py``).
+dataset use numpy (same values up to float32 rounding of the renormalisation sum; the
+dataset's batches come about 1.5x slower: ``bench/reader_bench.py``). :func:`token_ids` is the
+store's hash -> id lookup in C.
 """
 
 from __future__ import annotations

@@ -97,21 +97,21 @@ class RawRows:
             return self.pos_off * fixed_k
         cached = self.__dict__.get("_row_e")
         if cached is None:
-            e_off = np.zeros(len(self.counts) + 1, dtype=np.int64)
-            np.cumsum(self.counts, out=e_off[1:])
-            cached = self.__dict__["_row_e"] = e_off[self.pos_off]
+            cached = self.__dict__["_row_e"] = self._entry_offsets()[self.pos_off]
+        return cached
+
+    def _entry_offsets(self) -> np.ndarray:
+        """``[P+1]`` int64 entry offsets of the positions (variable k; cached)."""
+        cached = self.__dict__.get("_e_off")
+        if cached is None:
+            cached = np.zeros(len(self.counts) + 1, dtype=np.int64)
+            np.cumsum(self.counts, out=cached[1:])
+            self.__dict__["_e_off"] = cached
         return cached
 
     def entry_starts(self) -> np.ndarray | None:
         """``[P]`` int64 first entry of each position (cached); None for top-k."""
-        if self.counts is None:
-            return None
-        cached = self.__dict__.get("_pos_e")
-        if cached is None:
-            cached = np.zeros(len(self.counts), dtype=np.int64)
-            np.cumsum(self.counts[:-1], out=cached[1:])
-            self.__dict__["_pos_e"] = cached
-        return cached
+        return None if self.counts is None else self._entry_offsets()[:-1]
 
     def row_max_counts(self) -> np.ndarray | None:
         """``[R]`` int64 most kept entries at one position of each row (0 for an empty row;

@@ -139,7 +139,7 @@ def test_dataset_batches_equal_numpy(tmp_path, monkeypatch, mode, pack):
 
 
 @needs_kernel
-def test_dataset_batch_values_by_hand(tmp_path, monkeypatch):
+def test_dataset_batch_values_by_hand(tmp_path):
     """The fused batch against the stored rows themselves, position by position."""
     store = _store(tmp_path / "s", "topk", n_rows=7, max_len=9)
     (batch,) = list(SoftLabelDataset(store, batch_size=7, shuffle=False))
