@@ -55,27 +55,20 @@ def index_range_error(where: str, index: int, vocab_size: int) -> StoreFormatErr
     return StoreFormatError(f"{where}: index {index} >= teacher vocab size {vocab_size}; the shard is corrupt or from another teacher")
 
 
-def _u(a: np.ndarray, name: str) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    if a.dtype.kind != "u" or a.itemsize not in (1, 2, 4):
-        raise TypeError(f"{name}: expected an unsigned 8/16/32-bit code array, got {a.dtype}")
-    return a
-
-
 def _i64(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def token_ids(hashes: np.ndarray, lookup: tuple[np.ndarray, np.ndarray, np.ndarray, int]) -> tuple[np.ndarray, int, int]:
+def token_ids(hashes: np.ndarray, table: np.ndarray, bits: int) -> tuple[np.ndarray, int, int]:
     """Token hashes ``[N]`` -> teacher ids ``[N]`` int64 through ``Store._hash_lookup``'s
-    bucketed table (requires :data:`AVAILABLE`). Returns ``(ids, missing, first_missing)``;
-    ids of hashes not in the table are -1."""
+    ordered linear-probing ``table [M, 2]`` uint64 of (hash, id) pairs keyed by the top
+    ``bits`` hash bits (requires :data:`AVAILABLE`). Returns ``(ids, missing,
+    first_missing)``; ids of hashes not in the table are -1."""
     if _native is None:
         raise RuntimeError(f"the native decode kernel is not available: {WHY_NOT}")
-    hs, ids, starts, bits = lookup
     out = np.empty(len(hashes), dtype=np.int64)
-    missing, first = _native.token_ids(np.ascontiguousarray(hashes, dtype=np.uint64), np.ascontiguousarray(hs, dtype=np.uint64),
-                                       _i64(ids), _i64(starts), int(bits), out)
+    missing, first = _native.token_ids(np.ascontiguousarray(hashes, dtype=np.uint64), np.ascontiguousarray(table, dtype=np.uint64),
+                                       int(bits), out)
     return out, missing, first
 
 
@@ -93,6 +86,7 @@ def decode_rows(
     row_out: np.ndarray,
     row_ctx: np.ndarray | None = None,
     row_ent: np.ndarray | None = None,
+    row_pad: np.ndarray | None = None,
     k_out: int,
     ptable: np.ndarray,
     ttable: np.ndarray | None,
@@ -126,27 +120,23 @@ def decode_rows(
     ``[vocab_size]`` int64 rank -> id, or None. Per output position (``[S * T]``, each
     optional but ``out_tail``): ``out_tail`` float32, ``out_counts``/``out_ids``/
     ``out_labels`` int64 (label: the row's next token, -100 at its last position and in its
-    context), ``out_mask``/``out_kd_mask`` bool. Only the slots named are written (the caller
-    zero-fills padding). Raises :class:`StoreFormatError` naming ``where`` for a corrupt shard
+    context), ``out_mask``/``out_kd_mask`` bool. Without ``row_pad`` only the rows' positions
+    and their first ``count`` slots are written (the caller zero-fills the rest); with
+    ``row_pad`` ``[R]`` int64 (padded layout only), output positions ``row_out[r] + row_len[r]
+    ...`` + ``row_pad[r]`` are padding, and they and every slot past a position's count are
+    written as a zero-filled batch holds them (label -100), so outputs may come from
+    ``np.empty`` when the rows' spans and pads tile the output. Raises :class:`StoreFormatError` naming ``where`` for a corrupt shard
     (zero gap, index >= vocab, code outside its table).
     """
     if _native is None:
         raise RuntimeError(f"the native decode kernel is not available: {WHY_NOT}")
-    outs = {"out_idx": (out_idx, np.int64), "out_probs": (out_probs, np.float32), "out_tail": (out_tail, np.float32),
-            "out_counts": (out_counts, np.int64), "out_ids": (out_ids, np.int64), "out_labels": (out_labels, np.int64),
-            "out_mask": (out_mask, np.bool_), "out_kd_mask": (out_kd_mask, np.bool_)}
-    for name, (a, dt) in outs.items():
-        if a is not None and (a.dtype != dt or not a.flags.c_contiguous):
-            raise TypeError(f"{name}: expected a C-contiguous {np.dtype(dt)} array, got {a.dtype}")
-    opt = lambda a, f: None if a is None else f(a)  # noqa: E731
-    flat = lambda a: None if a is None else a.reshape(-1)  # noqa: E731
+    # Arrays go to the kernel as they are: it checks each one's dtype, contiguity and size
+    # (TypeError naming the argument), so a call costs no conversions (it is made once per
+    # shard of every batch).
     status, bad = _native.decode_rows(
-        _u(gaps, "gaps"), _u(pcodes, "pcodes"), _u(tail_codes, "tail_codes"), opt(counts, lambda a: _u(a, "counts")),
-        opt(pos_entries, _i64), opt(tokens, _i64), _i64(row_pos), _i64(row_len), _i64(row_out), opt(row_ctx, _i64),
-        opt(row_ent, _i64), np.ascontiguousarray(ptable, dtype=np.float32),
-        opt(ttable, lambda a: np.ascontiguousarray(a, dtype=np.float32)), opt(order, _i64),
-        flat(out_idx), flat(out_probs), flat(out_tail), flat(out_counts), flat(out_ids), flat(out_labels),
-        flat(out_mask), flat(out_kd_mask), int(fixed_k), int(k_out), int(vocab_size),
+        gaps, pcodes, tail_codes, counts, pos_entries, tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad,
+        ptable, ttable, order, out_idx, out_probs, out_tail, out_counts, out_ids, out_labels, out_mask, out_kd_mask,
+        int(fixed_k), int(k_out), int(vocab_size),
     )
     if status == _OK:
         return

@@ -199,7 +199,9 @@ def _list_parts(batch, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(offsets [R+1] relative to the first value, flat values) of a list column."""
     col = batch.column(name)
     if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
+        # combine_chunks copies even a single chunk (~0.3 ns per kept entry over the shard's
+        # list columns): only several chunks need joining.
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     offsets = col.offsets.to_numpy()
     values = col.values.to_numpy(zero_copy_only=False)
     start, end = int(offsets[0]), int(offsets[-1])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from functools import cached_property
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -99,29 +99,39 @@ class Store:
         return decode_index_order(data, entry, self.manifest.teacher.vocab_size, where=where)
 
     @cached_property
-    def _hash_lookup(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """Sorted hashes, their ids, and bucket starts over the top ``bits`` hash bits."""
-        h = self.vocab.column("hash").to_numpy()
+    def _hash_lookup(self) -> tuple[np.ndarray, int]:
+        """``(table [M, 2] uint64, bits)``: the vocabulary's (hash, id) pairs in an ordered
+        linear-probing table keyed by the top ``bits`` hash bits.
+
+        Pairs are sorted by hash and pair i sits in slot ``max(home_i, slot_{i-1} + 1)``
+        (home: its top bits), so a lookup starts at the hash's home slot and steps while the
+        slot's hash is smaller: xxh3 hashes are uniform, and with ~2 slots per token that is
+        one slot (one cache line: hash and id side by side) for most lookups. Empty slots hold
+        hash 2**64 - 1 and id -1, and the table ends with one, so every scan stops inside it.
+        """
+        h = self.vocab.column("hash").to_numpy().astype(np.uint64)
         ids = self.vocab.column("id").to_numpy().astype(np.int64)
         order = np.argsort(h, kind="stable")
-        hs = h[order]
-        # xxh3 hashes are uniform: bucketing by the top bits (~2 slots per token) turns the
-        # lookup into 1-2 vectorised probes instead of a cache-unfriendly binary search.
+        hs, ids = h[order], ids[order]
         bits = int(min(24, max(1, np.ceil(np.log2(max(2, len(hs)))) + 1)))
-        shift = np.uint64(64 - bits)
-        starts = np.searchsorted(hs >> shift, np.arange((1 << bits) + 1, dtype=np.uint64)).astype(np.int64)
-        return hs, ids[order], starts, bits
+        home = (hs >> np.uint64(64 - bits)).astype(np.int64)
+        rank = np.arange(len(hs), dtype=np.int64)
+        slot = rank + np.maximum.accumulate(home - rank) if len(hs) else rank
+        size = max(1 << bits, int(slot[-1]) + 2 if len(hs) else 1)
+        table = np.full((size, 2), np.iinfo(np.uint64).max, dtype=np.uint64)
+        table[slot, 0] = hs
+        table[slot, 1] = ids.view(np.uint64)
+        return table, bits
 
     def token_ids(self, hashes: np.ndarray, *, where: str = "") -> np.ndarray:
         """Reverse lookup: token hashes ``[N]`` uint64 -> teacher ids ``[N]`` int64."""
-        hs = self._hash_lookup[0]
         hashes = np.asarray(hashes, dtype=np.uint64)
         if len(hashes) == 0:
             return np.zeros(0, dtype=np.int64)
-        if len(hs) == 0:
+        if self.vocab.num_rows == 0:
             raise StoreFormatError(f"{self.uri}{where}: the vocabulary table is empty; the store cannot map token hashes to ids")
         if native.AVAILABLE:
-            out, missing, first = native.token_ids(hashes, self._hash_lookup)
+            out, missing, first = native.token_ids(hashes, *self._hash_lookup)
         else:
             out = self._token_ids_numpy(hashes)
             bad = np.flatnonzero(out < 0)
@@ -134,24 +144,16 @@ class Store:
         return out
 
     def _token_ids_numpy(self, hashes: np.ndarray) -> np.ndarray:
-        """The reference lookup (-1 for a hash not in the table): vectorised probes per bucket."""
-        hs, ids, starts, bits = self._hash_lookup
-        bucket = (hashes >> np.uint64(64 - bits)).astype(np.int64)
-        lo, hi = starts[bucket], starts[bucket + 1]
-        out = np.full(len(hashes), -1, dtype=np.int64)
+        """The reference lookup (-1 for a hash not in the table): vectorised probe steps."""
+        table, bits = self._hash_lookup
+        th = table[:, 0]
+        slot = (hashes >> np.uint64(64 - bits)).astype(np.int64)
         todo = np.arange(len(hashes))
-        j = 0
-        while len(todo):
-            cand = lo[todo] + j
-            live = cand < hi[todo]
-            if not live.any():
-                break
-            todo, cand = todo[live], cand[live]
-            hit = hs[cand] == hashes[todo]
-            out[todo[hit]] = ids[cand[hit]]
-            todo = todo[~hit]
-            j += 1
-        return out
+        while len(todo):  # step the lookups whose slot holds a smaller hash (see _hash_lookup)
+            todo = todo[th[slot[todo]] < hashes[todo]]
+            slot[todo] += 1
+        tid = table[slot, 1].view(np.int64)
+        return np.where((th[slot] == hashes) & (tid >= 0), tid, -1)
 
     # -- reading -----------------------------------------------------------------------
     def shard_path(self, shard: F.ShardInfo) -> str:
@@ -386,13 +388,21 @@ class Store:
         ``plan`` is the rows and outputs of :func:`kdstore.native.decode_rows` (``row_pos``,
         ``row_len``, ``row_out``, ``k_out``, ``out_idx``, ...); the source arrays, tables and
         index order come from ``raw`` and this store. Requires :data:`kdstore.native.AVAILABLE`."""
-        m = self.manifest
-        native.decode_rows(
-            gaps=raw.gaps, pcodes=raw.pcodes, tail_codes=raw.tail_codes, counts=raw.counts, pos_entries=raw.entry_starts(),
-            fixed_k=0 if raw.counts is not None else min(m.selection.k, m.teacher.vocab_size), tokens=tokens,
-            ptable=self._decode_table(raw.pcodes.dtype), ttable=None if m.selection.mode == "sample" else self._tail_q.table(),
-            order=self.index_order, vocab_size=m.teacher.vocab_size, where=where, **plan,
-        )
+        native.decode_rows(gaps=raw.gaps, pcodes=raw.pcodes, tail_codes=raw.tail_codes, counts=raw.counts,
+                           pos_entries=raw.entry_starts(), tokens=tokens, where=where, **self._kernel_tables(raw), **plan)
+
+    def _kernel_tables(self, raw: "RawRows") -> dict[str, Any]:
+        """The store's fixed arguments of :func:`kdstore.native.decode_rows` for ``raw``'s code
+        width (built once: the kernel is called once per shard of every batch)."""
+        key = (raw.pcodes.dtype, raw.counts is None)
+        cache = self.__dict__.setdefault("_kernel_args", {})
+        if key not in cache:
+            m = self.manifest
+            cache[key] = {"fixed_k": min(m.selection.k, m.teacher.vocab_size) if raw.counts is None else 0,
+                          "ptable": self._decode_table(raw.pcodes.dtype),
+                          "ttable": None if m.selection.mode == "sample" else self._tail_q.table(),
+                          "order": self.index_order, "vocab_size": m.teacher.vocab_size}
+        return cache[key]
 
     def _decode_table(self, dtype: np.dtype) -> np.ndarray:
         """float32 code -> probability table for the probability codes (sample mode: code / samples)."""

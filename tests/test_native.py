@@ -235,3 +235,32 @@ def test_read_threads_change_nothing_but_speed(tmp_path):
     _same_batches(a, b)
     with pytest.raises(ValueError, match="read_threads must be >= 1"):
         SoftLabelDataset(store, batch_size=5, read_threads=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**63, 2**64 - 2, 2**64 - 1]),
+                          # crowded home slots: many hashes sharing their top bits
+                          st.builds(lambda top, low: (top << 56) | low, st.integers(0, 3), st.integers(0, 2**56 - 1))),
+                min_size=1, max_size=200, unique=True),
+       st.lists(st.integers(0, 2**64 - 1), max_size=50))
+def test_hash_table_lookup_finds_every_token_and_nothing_else(vocab_hashes, others):
+    """The ordered linear-probing table (Store._hash_lookup) against a dict, in C and numpy:
+    crowded home slots, the extreme hashes (the empty-slot marker 2**64 - 1 included) and
+    hashes not in the vocabulary."""
+    from types import SimpleNamespace
+
+    from kdstore.store import Store
+
+    hashes = np.array(vocab_hashes, dtype=np.uint64)
+    ids = np.random.default_rng(len(hashes)).permutation(len(hashes)).astype(np.int64)
+    ns = SimpleNamespace(vocab=pa.table({"hash": hashes, "id": ids}))
+    ns._hash_lookup = Store._hash_lookup.func(ns)
+    want = dict(zip(vocab_hashes, ids.tolist()))
+    q = np.array(vocab_hashes + others, dtype=np.uint64)
+    expected = np.array([want.get(int(x), -1) for x in q], dtype=np.int64)
+    np.testing.assert_array_equal(Store._token_ids_numpy(ns, q), expected)
+    if native.AVAILABLE:
+        got, missing, first = native.token_ids(q, *ns._hash_lookup)
+        np.testing.assert_array_equal(got, expected)
+        assert missing == int((expected < 0).sum())
+        assert first == (int(np.flatnonzero(expected < 0)[0]) if missing else -1)
