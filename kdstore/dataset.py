@@ -25,11 +25,12 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 import xxhash
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from kdstore import native
 from kdstore.order import _dist_defaults, epoch_order  # noqa: F401 - epoch_order re-exported
 from kdstore.packing import _packing_tensors, pack_rows, plan_packing  # noqa: F401 - pack_rows re-exported
+from kdstore.loader import StoreLoader  # noqa: F401 - re-exported (kdstore.dataset.StoreLoader)
 from kdstore.prefetch import ShardPrefetcher
 from kdstore.store import TARGET_COLUMNS, DecodedRows, RawRows, Store, open as open_store
 
@@ -461,49 +462,3 @@ def _row_padding(row_out: np.ndarray, lengths: np.ndarray, size: int) -> np.ndar
     if len(start) and (start[0] != 0 or (pad < 0).any()):
         raise AssertionError("batch layout: rows overlap or leave a gap before the first row")  # a layout bug, not a user error
     return pad
-
-
-class StoreLoader:
-    """A DataLoader over a :class:`SoftLabelDataset` that knows where it is.
-
-    ``state_dict()`` is ``{"epoch", "batches_done", "fingerprint"}``; loading it makes the
-    next iteration start at the first batch not yet consumed, so an interrupted and resumed
-    run sees exactly the batches of an uninterrupted one. Iterating runs one epoch (from the
-    resume point); the next iteration runs the next epoch.
-    """
-
-    def __init__(self, dataset: SoftLabelDataset, *, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int | None = None) -> None:
-        self.dataset = dataset
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.epoch = 0
-        self.batches_done = 0
-
-    def __len__(self) -> int:
-        return self.dataset.num_batches(self.epoch) - self.batches_done
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.set_epoch(self.epoch)
-        self.dataset.start_batch = self.batches_done
-        kw: dict[str, Any] = {}
-        if self.num_workers > 0 and self.prefetch_factor is not None:
-            kw["prefetch_factor"] = self.prefetch_factor
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
-        for batch in loader:
-            self.batches_done += 1
-            yield batch
-        self.epoch += 1
-        self.batches_done = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "fingerprint": self.dataset.fingerprint}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self.dataset.fingerprint:
-            raise ValueError(
-                "data-loader state was saved for a different store or sharding (seed, batch size, world size, "
-                "shard checksums differ); resume with the same store and settings, or start a fresh run"
-            )
-        self.epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])

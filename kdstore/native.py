@@ -60,7 +60,7 @@ def _i64(a: np.ndarray) -> np.ndarray:
 
 
 def token_ids(hashes: np.ndarray, table: np.ndarray, bits: int) -> tuple[np.ndarray, int, int]:
-    """Token hashes ``[N]`` -> teacher ids ``[N]`` int64 through ``Store._hash_lookup``'s
+    """Token hashes ``[N]`` -> teacher ids ``[N]`` int64 through :func:`kdstore.hashtable.build`'s
     ordered linear-probing ``table [M, 2]`` uint64 of (hash, id) pairs keyed by the top
     ``bits`` hash bits (requires :data:`AVAILABLE`). Returns ``(ids, missing,
     first_missing)``; ids of hashes not in the table are -1."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any, Iterator, Sequence
 
@@ -18,11 +19,13 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from kdstore import format as F
-from kdstore import native
+from kdstore import hashtable, native
 from kdstore.errors import CorruptShardError, IncompleteStoreError, StoreFormatError
 from kdstore.fs import Location, resolve
+from kdstore.hashing import CHECKSUM, file_checksum
 from kdstore.encode import decode_index_order
-from kdstore.quant import delta_decode, quantizer
+from kdstore.quant import quantizer
+from kdstore.refdecode import decode_numpy
 from kdstore.rows import DecodedRows, RawRows, _col, _list_parts  # noqa: F401  (DecodedRows, RawRows, _list_parts re-exported)
 
 TARGET_COLUMNS = ("sample_id", "window", "token_start", "context_len", "tokens", "counts", "indices", "probs", "tail")
@@ -100,28 +103,8 @@ class Store:
 
     @cached_property
     def _hash_lookup(self) -> tuple[np.ndarray, int]:
-        """``(table [M, 2] uint64, bits)``: the vocabulary's (hash, id) pairs in an ordered
-        linear-probing table keyed by the top ``bits`` hash bits.
-
-        Pairs are sorted by hash and pair i sits in slot ``max(home_i, slot_{i-1} + 1)``
-        (home: its top bits), so a lookup starts at the hash's home slot and steps while the
-        slot's hash is smaller: xxh3 hashes are uniform, and with ~2 slots per token that is
-        one slot (one cache line: hash and id side by side) for most lookups. Empty slots hold
-        hash 2**64 - 1 and id -1, and the table ends with one, so every scan stops inside it.
-        """
-        h = self.vocab.column("hash").to_numpy().astype(np.uint64)
-        ids = self.vocab.column("id").to_numpy().astype(np.int64)
-        order = np.argsort(h, kind="stable")
-        hs, ids = h[order], ids[order]
-        bits = int(min(24, max(1, np.ceil(np.log2(max(2, len(hs)))) + 1)))
-        home = (hs >> np.uint64(64 - bits)).astype(np.int64)
-        rank = np.arange(len(hs), dtype=np.int64)
-        slot = rank + np.maximum.accumulate(home - rank) if len(hs) else rank
-        size = max(1 << bits, int(slot[-1]) + 2 if len(hs) else 1)
-        table = np.full((size, 2), np.iinfo(np.uint64).max, dtype=np.uint64)
-        table[slot, 0] = hs
-        table[slot, 1] = ids.view(np.uint64)
-        return table, bits
+        """The vocabulary's (hash, id) lookup table (:func:`kdstore.hashtable.build`)."""
+        return hashtable.build(self.vocab.column("hash").to_numpy(), self.vocab.column("id").to_numpy())
 
     def token_ids(self, hashes: np.ndarray, *, where: str = "") -> np.ndarray:
         """Reverse lookup: token hashes ``[N]`` uint64 -> teacher ids ``[N]`` int64."""
@@ -133,7 +116,7 @@ class Store:
         if native.AVAILABLE:
             out, missing, first = native.token_ids(hashes, *self._hash_lookup)
         else:
-            out = self._token_ids_numpy(hashes)
+            out = hashtable.lookup(*self._hash_lookup, hashes)
             bad = np.flatnonzero(out < 0)
             missing, first = len(bad), int(bad[0]) if len(bad) else -1
         if missing:
@@ -142,18 +125,6 @@ class Store:
                 f"(first: {int(hashes[first]):#x}); the store's vocab.parquet does not belong to its shards"
             )
         return out
-
-    def _token_ids_numpy(self, hashes: np.ndarray) -> np.ndarray:
-        """The reference lookup (-1 for a hash not in the table): vectorised probe steps."""
-        table, bits = self._hash_lookup
-        th = table[:, 0]
-        slot = (hashes >> np.uint64(64 - bits)).astype(np.int64)
-        todo = np.arange(len(hashes))
-        while len(todo):  # step the lookups whose slot holds a smaller hash (see _hash_lookup)
-            todo = todo[th[slot[todo]] < hashes[todo]]
-            slot[todo] += 1
-        tid = table[slot, 1].view(np.int64)
-        return np.where((th[slot] == hashes) & (tid >= 0), tid, -1)
 
     # -- reading -----------------------------------------------------------------------
     def shard_path(self, shard: F.ShardInfo) -> str:
@@ -178,8 +149,47 @@ class Store:
         """Open shard ``i`` (footer read, schema checked; pages verified against their CRCs)."""
         shard = self.shards[i]
         path = self.shard_path(shard)
-        try:
+        with self._shard_errors(shard):
             pf = pq.ParquetFile(path, filesystem=self.location.fs, page_checksum_verification=True)
+        self._check_schema(pf.schema_arrow, shard.file)
+        return pf
+
+    def open_verified(self, i: int) -> pq.ParquetFile:
+        """Shard ``i`` read whole into memory and checked against the manifest: its size and
+        its ``xxh3_128`` checksum (every byte, footer and page headers included, and the file
+        bound to this manifest: a stronger check than page CRCs, which it replaces). Costs
+        the shard's size in memory while it is read; ~0.1 ns of hashing per kept entry,
+        against ~0.7 ns for pyarrow's page-CRC check (``bench/reader_bench.py``)."""
+        shard = self.shards[i]
+        path = self.shard_path(shard)
+        with self._shard_errors(shard):
+            with self.location.fs.open_input_file(path) as f:
+                data = f.read_buffer()
+        if data.size != shard.bytes:
+            raise CorruptShardError(
+                f"{self.uri}/{shard.file}: {data.size} bytes but the manifest says {shard.bytes} (truncated or replaced); "
+                f"run 'kd store verify {self.uri}' and re-run the capture with --resume"
+            )
+        got = file_checksum(memoryview(data))
+        if got != shard.checksum:
+            raise CorruptShardError(
+                f"{self.uri}/{shard.file}: checksum mismatch (manifest {shard.checksum}, file {got}); the shard is corrupt "
+                f"(bit flip, partial write or replaced file) — run 'kd store verify {self.uri}' and re-run the capture with --resume"
+            )
+        with self._shard_errors(shard):
+            pf = pq.ParquetFile(pa.BufferReader(data))
+        self._check_schema(pf.schema_arrow, shard.file)
+        return pf
+
+    def _can_verify_whole(self, shard: F.ShardInfo) -> bool:
+        """Whether the manifest holds a whole-file checksum :meth:`open_verified` can check."""
+        return shard.checksum.startswith(f"{CHECKSUM}:") and shard.bytes > 0
+
+    @contextmanager
+    def _shard_errors(self, shard: F.ShardInfo):
+        """Errors opening a shard, named and explained."""
+        try:
+            yield
         except FileNotFoundError as exc:
             raise CorruptShardError(f"{self.uri}/{shard.file}: shard listed in the manifest is missing; restore it or re-run the capture") from exc
         except (OSError, pa.ArrowInvalid) as exc:
@@ -187,13 +197,13 @@ class Store:
                 f"{self.uri}/{shard.file}: cannot read shard ({exc}); it is truncated or corrupt — "
                 f"run 'kd store verify {self.uri}' and re-run the capture with --resume"
             ) from exc
-        self._check_schema(pf.schema_arrow, shard.file)
-        return pf
 
     def read_shard(self, i: int, *, columns: Sequence[str] | None = None) -> pa.Table:
-        """Read shard ``i`` (column-projected); errors name the file and the fix."""
+        """Read shard ``i`` (column-projected), the whole file checked against the manifest
+        (:meth:`open_verified`; page CRCs where the manifest has no whole-file checksum);
+        errors name the file and the fix."""
         shard = self.shards[i]
-        pf = self.open_shard(i)
+        pf = self.open_verified(i) if self._can_verify_whole(shard) else self.open_shard(i)
         table = self._decode_pages(shard, lambda: pf.read(columns=self._existing(columns)))
         if table.num_rows != shard.rows:
             raise CorruptShardError(f"{self.uri}/{shard.file}: {table.num_rows} rows but the manifest says {shard.rows}; the shard does not belong to this manifest")
@@ -215,19 +225,26 @@ class Store:
         Returns ``(table, row_map)``: the table of those row groups (in file order) and
         ``row_map [shard rows]`` int64, the table row of each shard row (-1 where its row
         group was not read). Decoding is multi-threaded in pyarrow (per column chunk).
+        Integrity: a read of every row group checks the whole file against the manifest's
+        checksum (:meth:`open_verified`); a read of some row groups checks their page CRCs.
         """
         shard = self.shards[i]
-        pf = self.open_shard(i)
+        rows = np.asarray(rows, dtype=np.int64)
+        whole = self._can_verify_whole(shard)
+        # Every row of the shard: all its row groups, so read and verify the file at once.
+        every = whole and len(rows) >= shard.rows and len(np.unique(rows)) == shard.rows
+        pf = self.open_verified(i) if every else self.open_shard(i)
         md = pf.metadata
         sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)], dtype=np.int64)
         starts = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes, out=starts[1:])
         if starts[-1] != shard.rows:
             raise CorruptShardError(f"{self.uri}/{shard.file}: {int(starts[-1])} rows but the manifest says {shard.rows}; the shard does not belong to this manifest")
-        rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= shard.rows):
             raise IndexError(f"{self.uri}/{shard.file}: row {int(rows.max())} outside the shard's {shard.rows} rows")
         groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+        if not every and whole and len(groups) == len(sizes):  # rows spread over every row group
+            pf = self.open_verified(i)
         table = self._decode_pages(shard, lambda: pf.read_row_groups(groups.tolist(), columns=self._existing(columns), use_threads=True))
         row_map = np.full(shard.rows, -1, dtype=np.int64)
         at = 0
@@ -370,7 +387,9 @@ class Store:
             self.decode_rows_into(raw, row_pos=starts, row_len=np.diff(raw.pos_off), row_out=starts,
                                   row_ent=entry_offsets[starts], k_out=0, out_idx=idx, out_probs=probs, out_tail=tail, where=where)
         else:
-            idx, probs, tail = self._decode_numpy(raw, counts, entry_offsets, fixed_k, where)
+            idx, probs, tail = decode_numpy(raw, counts, entry_offsets, fixed_k, where=where, vocab_size=m.teacher.vocab_size,
+                                            samples=sel.samples if sel.mode == "sample" else 0, probs_q=self._probs_q,
+                                            tail_q=self._tail_q, index_order=self.index_order)
         if raw.tokens is None:
             input_ids = np.zeros(0, dtype=np.int64)
         elif raw.tokens_are_ids:
@@ -412,57 +431,6 @@ class Store:
         if dtype not in tables:  # the numpy path's formula, so both give the same float32
             tables[dtype] = np.arange(1 << (8 * np.dtype(dtype).itemsize), dtype=np.float32) / np.float32(self.manifest.selection.samples)
         return tables[dtype]
-
-    def _decode_numpy(self, raw: "RawRows", counts: np.ndarray, entry_offsets: np.ndarray, fixed_k: int,
-                      where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The reference decode: ``(indices [E] int64, probs [E] float32, tail [P] float32)``."""
-        m = self.manifest
-        sel = m.selection
-        n_pos = len(counts)
-        gaps = raw.gaps
-        if fixed_k and n_pos:
-            # Top-k: a [P, k] view; the cumulative sum restarts per row by construction.
-            g2 = gaps.reshape(n_pos, fixed_k)
-            idx2 = g2.astype(np.int64)
-            np.cumsum(idx2, axis=1, out=idx2)  # in place: ~8x faster than cumsum(dtype=...)
-            dup = bool((g2[:, 1:] == 0).any())
-            last = idx2[:, -1]
-            idx = idx2.ravel()
-        else:
-            idx = delta_decode(gaps, entry_offsets)
-            zero = gaps == 0
-            zero[entry_offsets[:-1][counts > 0]] = False
-            dup = bool(zero.any())
-            last = idx[entry_offsets[1:][counts > 0] - 1]
-        if len(idx):
-            if dup:
-                raise native.repeated_index_error(where)
-            top = int(last.max())  # stored indices ascend within a position
-            if top >= m.teacher.vocab_size:
-                raise native.index_range_error(where, top, m.teacher.vocab_size)
-        pcodes = raw.pcodes
-        if self.index_order is not None and len(idx):
-            # Ranks -> ids; entries stay in rank order (most frequent id first): re-sorting
-            # by id would cost ~30 ns/entry, more than the rest of the decode.
-            idx = self.index_order[idx]
-        if sel.mode == "sample":
-            probs = pcodes.astype(np.float32) / np.float32(sel.samples)
-            tail = np.zeros(n_pos, dtype=np.float32)
-        else:
-            probs = self._probs_q.decode(pcodes)
-            tail = self._tail_q.decode(raw.tail_codes)
-            if fixed_k and n_pos:
-                kept = probs.reshape(n_pos, fixed_k).sum(axis=1, dtype=np.float32)
-            else:
-                kept = np.bincount(np.repeat(np.arange(n_pos), counts), weights=probs, minlength=n_pos).astype(np.float32)
-            total = kept + tail
-            scale = np.where(total > 0, 1.0 / np.maximum(total, 1e-30), 1.0).astype(np.float32)
-            if fixed_k and n_pos:
-                probs.reshape(n_pos, fixed_k)[...] *= scale[:, None]  # probs is a fresh array
-            else:
-                probs *= np.repeat(scale, counts)
-            tail = tail * scale
-        return idx, probs.astype(np.float32, copy=False), tail.astype(np.float32, copy=False)
 
 
 def open(uri: str) -> Store:  # noqa: A001 - mirrors kdstore.open's public name

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kdstore
-from kdstore import native
+from kdstore import hashtable, native
 from kdstore.dataset import SoftLabelDataset
 from kdstore.errors import StoreFormatError
 from kdstore.writer import frequency_order
@@ -218,7 +218,7 @@ def test_token_ids_equal_numpy_and_report_unknown_hashes(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     q = hashes[rng.integers(0, V, 5000)]
     got = store.token_ids(q)
-    np.testing.assert_array_equal(got, store._token_ids_numpy(q))
+    np.testing.assert_array_equal(got, hashtable.lookup(*store._hash_lookup, q))
     np.testing.assert_array_equal(hashes[got], q)  # ids are the vocabulary rows here
     q[17] ^= np.uint64(1)
     for on in (True, False):
@@ -244,23 +244,18 @@ def test_read_threads_change_nothing_but_speed(tmp_path):
                 min_size=1, max_size=200, unique=True),
        st.lists(st.integers(0, 2**64 - 1), max_size=50))
 def test_hash_table_lookup_finds_every_token_and_nothing_else(vocab_hashes, others):
-    """The ordered linear-probing table (Store._hash_lookup) against a dict, in C and numpy:
+    """The ordered linear-probing table (kdstore.hashtable) against a dict, in C and numpy:
     crowded home slots, the extreme hashes (the empty-slot marker 2**64 - 1 included) and
     hashes not in the vocabulary."""
-    from types import SimpleNamespace
-
-    from kdstore.store import Store
-
     hashes = np.array(vocab_hashes, dtype=np.uint64)
     ids = np.random.default_rng(len(hashes)).permutation(len(hashes)).astype(np.int64)
-    ns = SimpleNamespace(vocab=pa.table({"hash": hashes, "id": ids}))
-    ns._hash_lookup = Store._hash_lookup.func(ns)
+    table, bits = hashtable.build(hashes, ids)
     want = dict(zip(vocab_hashes, ids.tolist()))
     q = np.array(vocab_hashes + others, dtype=np.uint64)
     expected = np.array([want.get(int(x), -1) for x in q], dtype=np.int64)
-    np.testing.assert_array_equal(Store._token_ids_numpy(ns, q), expected)
+    np.testing.assert_array_equal(hashtable.lookup(table, bits, q), expected)
     if native.AVAILABLE:
-        got, missing, first = native.token_ids(q, *ns._hash_lookup)
+        got, missing, first = native.token_ids(q, table, bits)
         np.testing.assert_array_equal(got, expected)
         assert missing == int((expected < 0).sum())
         assert first == (int(np.flatnonzero(expected < 0)[0]) if missing else -1)

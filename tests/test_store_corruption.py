@@ -11,6 +11,7 @@ import pytest
 
 import kdstore
 from kdstore import CorruptShardError, IncompleteStoreError, StoreFormatError
+from kdstore.dataset import SoftLabelDataset
 from kdstore.tools import verify_main, verify_store
 
 from _storeutil import edit_manifest, make_rows, plant_shard, write_store
@@ -67,8 +68,10 @@ def test_truncated_shard(store_dir, capsys):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     store = kdstore.open(str(store_dir))
-    with pytest.raises(CorruptShardError, match=rf"{shard.name}: cannot read shard.*truncated or corrupt"):
+    with pytest.raises(CorruptShardError, match=rf"{shard.name}: {len(data) // 2} bytes but the manifest says {len(data)} \(truncated"):
         store.read_shard(0)
+    with pytest.raises(CorruptShardError, match=rf"{shard.name}: cannot read shard.*truncated or corrupt"):
+        store.open_shard(0)
     with pytest.raises(CorruptShardError, match=shard.name):
         list(store.iter_batches())
     rc, err = _verify(store_dir, capsys)
@@ -95,10 +98,40 @@ def test_bit_flip(store_dir, capsys, column):
     _flip_in_column(shard, column)
     rc, err = _verify(store_dir, capsys)
     assert rc == 1 and f"{shard.name}: checksum mismatch" in err
-    # the reader does not hash whole files, but page CRCs catch the flip and name the file
     store = kdstore.open(str(store_dir))
-    with pytest.raises(CorruptShardError, match=rf"{shard.name}: cannot decode shard"):
+    # reading the whole shard checks the file's checksum; streaming it or reading some of its
+    # row groups checks page CRCs: both name the file
+    with pytest.raises(CorruptShardError, match=rf"{shard.name}: checksum mismatch .*the shard is corrupt"):
         store.read_shard(0)
+    with pytest.raises(CorruptShardError, match=rf"{shard.name}: checksum mismatch"):
+        list(SoftLabelDataset(store, batch_size=4))
+    with pytest.raises(CorruptShardError, match=rf"{shard.name}: cannot decode shard"):
+        list(store.iter_batches())
+    with pytest.raises(CorruptShardError, match=rf"{shard.name}: cannot decode shard"):
+        store.read_row_groups(0, np.arange(4))  # row group 0 of 3, the flipped page in it
+
+
+def test_reading_every_row_group_checks_every_byte(store_dir, tmp_path):
+    """What page CRCs do not cover (the footer; a whole file swapped for another valid one)
+    is caught where the reader reads every row group of a shard: the dataset, read_shard."""
+    shard = _shard(store_dir)
+    good = shard.read_bytes()
+    at = good.index(b"parquet-cpp")  # the footer's created_by: no page CRC covers it
+    shard.write_bytes(good[:at] + b"P" + good[at + 1:])
+    store = kdstore.open(str(store_dir))
+    assert store.read_row_groups(0, np.arange(4))[0].num_rows == 4  # one row group: its pages are intact
+    for read in (lambda: store.read_row_groups(0, np.arange(12)), lambda: store.read_row_groups(0, np.array([0, 5, 9])),
+                 lambda: list(SoftLabelDataset(store, batch_size=4)), lambda: store.read_shard(0)):
+        with pytest.raises(CorruptShardError, match=rf"{shard.name}: checksum mismatch \(manifest xxh3_128:.*re-run the capture"):
+            read()
+    # another capture's shard, valid Parquet with the same schema, put in its place
+    rows, _ = make_rows(12, V, "top_p", seed=5, max_len=10)
+    other = write_store(tmp_path / "other", rows, v=V, mode="top_p", row_group_rows=4)
+    shard.write_bytes(_shard(other).read_bytes())
+    with pytest.raises(CorruptShardError, match=rf"{shard.name}: (checksum mismatch|\d+ bytes but the manifest says)"):
+        list(SoftLabelDataset(kdstore.open(str(store_dir)), batch_size=4))
+    shard.write_bytes(good)
+    assert sum(b["kd_mask"].sum().item() for b in SoftLabelDataset(kdstore.open(str(store_dir)), batch_size=4)) > 0
 
 
 def test_schema_mismatch_other_index_dtype(store_dir, capsys):
