@@ -6,7 +6,9 @@ store as ``bench/store_bench.py``'s reader section: the k = 32 sqrt8 store of th
 heavy-tailed teacher, its shard listed ``--copies`` times) and then times each stage of the
 dataset's path on its own, in ns per kept entry, so the distance to the target is explained:
 
-* Parquet read of the needed columns (``Store.read_row_groups``, page CRCs verified);
+* Parquet read of the needed columns (``Store.read_row_groups``: a read of every row group
+  checks the whole file against the manifest's xxh3 checksum) and, for comparison, the same
+  read verifying page CRCs instead (what a read of some row groups does);
 * ``Store.raw`` (Arrow lists -> flat numpy) and the token hash -> id lookup (per shard);
 * per batch, native kernel (``kdstore.native``; the default where it is built): one fused
   decode + collate call per shard of the batch (``SoftLabelDataset._fused_batch``);
@@ -81,7 +83,10 @@ def stage_rows(store: kdstore.Store, *, batch_size: int, repeat: int) -> list[li
     decoded: list = []
     numpy_path(lambda: decoded.extend(store.decode_raw(g) for g in gathered))()
     stages = [
-        ("Parquet read of the needed columns (Store.read_row_groups)", lambda: [store.read_row_groups(i, every[i], columns=ds._columns) for i in range(n)]),
+        ("Parquet read of the needed columns, file checksum verified (Store.read_row_groups)",
+         lambda: [store.read_row_groups(i, every[i], columns=ds._columns) for i in range(n)]),
+        ("  the same read verifying page CRCs instead (Store.open_shard)",
+         lambda: [store.open_shard(i).read(columns=store._existing(ds._columns)) for i in range(n)]),
         ("Arrow lists -> numpy (Store.raw)", lambda: [store.raw(t) for t in tables]),
         ("token hash -> id (Store.token_ids)", lambda: [store.token_ids(h) for h in hashes]),
     ]
@@ -159,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             f"The native rows decode each shard's rows of a batch straight into the `[B, T, K]` tensors with one "
             f"call of the C kernel (`kdstore/_native.c`); the numpy rows are the same readers with the kernel "
             f"switched off (what a machine without a C compiler runs; same tensors, `tests/test_native.py`). What "
-            f"is left above the Parquet read is the kernel's ~2.5 ns per kept entry (12 B of int64 index and "
-            f"float32 probability written per entry) and the cost of running the read and the decode at once on "
-            f"two cores.\n\n"
+            f"is left above the Parquet read is the kernel call per shard of a batch (12 B of int64 index and "
+            f"float32 probability written per entry, into `np.empty` batches whose padding the kernel fills) with "
+            f"the batch's Python around it, and the cost of running the read and the decode at once on two "
+            f"cores. Reads of every row group of a shard (the common case: shuffled rows fall in every row "
+            f"group) check the whole file against the manifest's xxh3 checksum instead of pyarrow's page CRCs: "
+            f"every byte checked, footer included, for less time (the two read rows above).\n\n"
             f"Target (issue #16): SoftLabelDataset >= 0.8x read_table, wall and CPU.\n\n"
             f"Row groups a DataLoader worker reads (a worker reads only the row groups holding its rows; same rows "
             f"in row groups of 8 rows, batches of {a.batch_size} rows unless noted): the batch order is a function "

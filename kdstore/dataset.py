@@ -14,7 +14,8 @@ Memory and I/O: each DataLoader worker reads every shard of the current block (a
 rows are spread over all batches; with W workers a block is read W times), ``read_threads``
 threads per worker (default 2) load the next block while the current one is decoded, and shards are
 dropped after their last batch. Keep about 2 x ``shuffle_block`` x shard size x W within
-memory (shards are held with their stored code widths, ~3 B per kept entry).
+memory (shards are held with their stored code widths, ~3 B per kept entry), plus, per read
+thread, one shard's file while it is read and checked against its checksum.
 """
 
 from __future__ import annotations
@@ -262,11 +263,18 @@ class SoftLabelDataset(IterableDataset):
     def _batch_parts(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> tuple[list[tuple[RawRows, np.ndarray]], str]:
         """``([(loaded shard, its rows in it), ...], " (batch from FILES)")`` for the rows
         ``ids`` of one batch, shards in ascending order (see :meth:`_decode_rows`)."""
+        # One stable sort groups the rows by shard (epoch order kept within a shard): a
+        # boolean mask per shard cost ~3 us per shard of every batch.
+        o = np.argsort(shard_of, kind="stable")
+        sh = shard_of[o]
+        local = ids[o] - self._offsets[sh]
+        bounds = [0, *(np.flatnonzero(sh[1:] != sh[:-1]) + 1).tolist(), len(sh)] if len(sh) else [0]
         parts, files = [], []
-        for s in np.unique(shard_of):
-            raw = get_shard(int(s))
-            parts.append((raw, raw.row_map[ids[shard_of == s] - self._offsets[s]]))
-            files.append(self.store.shards[int(s)].file)
+        for a, b in zip(bounds, bounds[1:]):
+            s = int(sh[a])
+            raw = get_shard(s)
+            parts.append((raw, raw.row_map[local[a:b]]))
+            files.append(self.store.shards[s].file)
         return parts, f" (batch from {', '.join(files)})"
 
     def _aligned_batch(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> dict[str, Any]:

@@ -158,8 +158,8 @@ class Store:
         """Shard ``i`` read whole into memory and checked against the manifest: its size and
         its ``xxh3_128`` checksum (every byte, footer and page headers included, and the file
         bound to this manifest: a stronger check than page CRCs, which it replaces). Costs
-        the shard's size in memory while it is read; ~0.1 ns of hashing per kept entry,
-        against ~0.7 ns for pyarrow's page-CRC check (``bench/reader_bench.py``)."""
+        the shard's size in memory while it is read, and less time than the page-CRC read
+        (``bench/reader_bench.py`` times both)."""
         shard = self.shards[i]
         path = self.shard_path(shard)
         with self._shard_errors(shard):

@@ -40,8 +40,9 @@ class Exact:
 
 
 def make_rows(n_rows: int, v: int, mode: str, *, seed: int = 0, max_len: int = 12, scale: float = 3.0,
-              text: bool = False, label: bool = False):
-    """Rows whose targets come from :func:`pipelines.selection.select` on random logits."""
+              text: bool = False, label: bool = False, sel: dict | None = None):
+    """Rows whose targets come from :func:`pipelines.selection.select` on random logits
+    (``sel``: the selection's parameters, default ``MODES[mode]``)."""
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     hashes = vocab(v).column("hash").to_numpy()
@@ -50,7 +51,7 @@ def make_rows(n_rows: int, v: int, mode: str, *, seed: int = 0, max_len: int = 1
         t = int(rng.integers(1, max_len + 1))
         ids = rng.integers(0, v, t)
         logits = torch.randn(t, v, generator=g) * scale
-        i, p, c, tail = select(logits, mode=mode, generator=g, **MODES[mode]).flat()
+        i, p, c, tail = select(logits, mode=mode, generator=g, **(sel or MODES[mode])).flat()
         txt = " ".join(f"w{x}" for x in ids) if text else None
         offs = np.cumsum([0] + [len(f"w{x}") + 1 for x in ids]) if text else None
         rows.append(SoftLabelRow(
@@ -63,9 +64,9 @@ def make_rows(n_rows: int, v: int, mode: str, *, seed: int = 0, max_len: int = 1
     return rows, exact
 
 
-def write_store(path, rows, *, v: int, mode: str, bits: int = 8, scheme: str = "sqrt", **kw) -> Path:
+def write_store(path, rows, *, v: int, mode: str, bits: int = 8, scheme: str = "sqrt", sel: dict | None = None, **kw) -> Path:
     cols = kw.pop("columns", None)
-    with StoreWriter(str(path), teacher=TeacherInfo(name_or_path="unit-teacher", vocab_size=v), selection=Selection(mode=mode, **MODES[mode]),
+    with StoreWriter(str(path), teacher=TeacherInfo(name_or_path="unit-teacher", vocab_size=v), selection=Selection(mode=mode, **(sel or MODES[mode])),
                      bits=bits, scheme=scheme, columns=cols, **kw) as w:
         w.write_vocab(vocab(v))
         w.write(rows)

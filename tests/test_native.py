@@ -102,6 +102,20 @@ def test_decode_equals_numpy_property(monkeypatch, mode, seed, n_rows, max_len, 
         _same_decoded(*_decode_both(store, monkeypatch))
 
 
+@needs_kernel
+def test_decode_equals_numpy_for_positions_longer_than_the_kernels_buffer(tmp_path, monkeypatch):
+    """The kernel scales positions of up to 256 entries from a local copy and longer ones
+    from the table: flat logits at p = 0.98 give positions on both sides of 256."""
+    sel = dict(p=0.98, max_k=V)
+    rows, _ = make_rows(9, V, "top_p", seed=4, max_len=20, scale=1.0, sel=sel)
+    counts = np.concatenate([r.counts for r in rows])
+    assert (counts > 256).any() and (counts <= 256).any(), np.unique(counts)
+    write_store(tmp_path / "s", rows, v=V, mode="top_p", sel=sel, row_group_rows=4)
+    store = kdstore.open(str(tmp_path / "s"))
+    _same_decoded(*_decode_both(store, monkeypatch))
+    _same_batches(*_batches_both(store, monkeypatch, batch_size=4, seed=0))
+
+
 def _batches_both(store, monkeypatch, **kw) -> tuple[list, list]:
     out = []
     for on in (True, False):
