@@ -245,11 +245,18 @@ class SoftLabelDataset(IterableDataset):
             return {}
         b = np.arange(len(rows), dtype=np.int64) // self.batch_size
         mine = rows[(b >= first) & (b < n_batches) & ((b - first) % step == 0)]
-        shard = np.searchsorted(self._offsets, mine, side="right") - 1
-        o = np.argsort(shard, kind="stable")
-        shard, local = shard[o], mine[o] - self._offsets[shard[o]]
-        cut = np.flatnonzero(np.diff(shard)) + 1
-        return {int(g[0]): l for g, l in zip(np.split(shard, cut), np.split(local, cut)) if len(g)}
+        return dict(self._by_shard(mine, np.searchsorted(self._offsets, mine, side="right") - 1))
+
+    def _by_shard(self, ids: np.ndarray, shard_of: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """``[(shard, its shard-local rows), ...]`` of the global rows ``ids`` (in shards
+        ``shard_of``), shards ascending, rows in their order in ``ids`` within a shard."""
+        # One stable sort groups the rows by shard: a boolean mask per shard cost ~3 us per
+        # shard of every batch.
+        o = np.argsort(shard_of, kind="stable")
+        sh = shard_of[o]
+        local = ids[o] - self._offsets[sh]
+        bounds = [0, *(np.flatnonzero(sh[1:] != sh[:-1]) + 1).tolist(), len(sh)]
+        return [(int(sh[a]), local[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
 
     def _decode_rows(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> DecodedRows:
         """Decode the rows ``ids`` (global row ids, in shards ``shard_of``) of one batch.
@@ -263,17 +270,10 @@ class SoftLabelDataset(IterableDataset):
     def _batch_parts(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> tuple[list[tuple[RawRows, np.ndarray]], str]:
         """``([(loaded shard, its rows in it), ...], " (batch from FILES)")`` for the rows
         ``ids`` of one batch, shards in ascending order (see :meth:`_decode_rows`)."""
-        # One stable sort groups the rows by shard (epoch order kept within a shard): a
-        # boolean mask per shard cost ~3 us per shard of every batch.
-        o = np.argsort(shard_of, kind="stable")
-        sh = shard_of[o]
-        local = ids[o] - self._offsets[sh]
-        bounds = [0, *(np.flatnonzero(sh[1:] != sh[:-1]) + 1).tolist(), len(sh)] if len(sh) else [0]
         parts, files = [], []
-        for a, b in zip(bounds, bounds[1:]):
-            s = int(sh[a])
+        for s, local in self._by_shard(ids, shard_of):
             raw = get_shard(s)
-            parts.append((raw, raw.row_map[local[a:b]]))
+            parts.append((raw, raw.row_map[local]))
             files.append(self.store.shards[s].file)
         return parts, f" (batch from {', '.join(files)})"
 
