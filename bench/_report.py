@@ -11,6 +11,7 @@ import datetime as _dt
 import platform
 import re
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,6 +36,14 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def paired_ratio(base: list[float], other: list[float]) -> str:
+    """``"median (min-max)"`` of ``base[i] / other[i]`` over repeats i (times of a baseline and
+    a reader measured back to back in each repeat): a host that slows down for a while slows
+    both, so the ratios' spread is the run's own noise, shown next to any target."""
+    r = sorted(b / o for b, o in zip(base, other))
+    return f"{statistics.median(r):.2f}x ({r[0]:.2f}-{r[-1]:.2f})"
 
 
 def write_section(name: str, title: str, body: str, *, command: str | None = None, doc: Path = DOC) -> None:

@@ -47,7 +47,7 @@ from kdstore.dataset import SoftLabelDataset  # noqa: E402
 from kdstore.quant import delta_decode, delta_encode, quantizer  # noqa: E402
 from kdstore.writer import ZSTD_LEVEL  # noqa: E402
 
-from bench._report import markdown_table, write_section  # noqa: E402
+from bench._report import markdown_table, paired_ratio, write_section  # noqa: E402
 
 from bench._store_teachers import KS, Teacher, describe, real_teacher, synthetic_teacher  # noqa: E402
 SIZE_HEADERS = ["k", "coding", "B/position", "B/kept entry", "soft-label B/kept entry", "mean KL", "x smaller than fp32"]
@@ -286,8 +286,7 @@ def reader_study(store: kdstore.Store, *, repeat: int = 9) -> list[list]:
     best (least disturbed) wall time of each is reported, with the CPU time (all threads of
     the process) as a second, contention-free measure. Ratios are against the default
     (multi-threaded) ``read_table``. With the native kernel built, the numpy path is
-    measured in the same run. The last column is the CPU ratio paired per repeat: median
-    (min-max) over the repeats.
+    measured in the same run; the last column is :func:`paired_ratio` of the CPU times.
     """
     files = [store.shard_path(s) for s in store.shards]
     P = store.manifest.totals["tokens"]
@@ -324,17 +323,13 @@ def reader_study(store: kdstore.Store, *, repeat: int = 9) -> list[list]:
             cpu[k].append(time.process_time() - c0)
     best = {k: min(v) for k, v in wall.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
-    labels = {"raw": "pyarrow.parquet.read_table (raw decode, all columns)",
-              "raw1": "pyarrow.parquet.read_table, use_threads=False",
+    labels = {"raw": "pyarrow.parquet.read_table (raw decode, all columns)", "raw1": "pyarrow.parquet.read_table, use_threads=False",
               "decoded": "Store.iter_decoded -> DecodedRows.to_torch (flat tensors)",
               "dataset": "SoftLabelDataset, shuffled, collated [B,T,K] tensors",
               "decoded_np": "Store.iter_decoded -> to_torch, numpy path (KDSTORE_NATIVE=0)",
               "dataset_np": "SoftLabelDataset, numpy path (KDSTORE_NATIVE=0)"}
-    # Paired per repeat (read_table and this reader timed back to back): a host that slows
-    # down for a while slows both, so the spread of these ratios is the run's own noise.
-    paired = {k: sorted(r / c for r, c in zip(cpu["raw"], cpu[k])) for k in fns}
     return [[labels[k], P / best[k] / 1e6, E / best[k] / 1e6, best["raw"] / best[k], cpu_med["raw"] / cpu_med[k],
-             f"{statistics.median(paired[k]):.2f}x ({paired[k][0]:.2f}-{paired[k][-1]:.2f})"] for k in fns]
+             paired_ratio(cpu["raw"], cpu[k])] for k in fns]
 
 
 def _soft_label_bytes(path: Path | str) -> int:
