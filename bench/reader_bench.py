@@ -72,8 +72,7 @@ def stage_rows(store: kdstore.Store, *, batch_size: int, repeat: int) -> list[li
     batches = [(rows[j:j + batch_size], shard_of_all[j:j + batch_size]) for j in range(0, len(rows), batch_size)]
 
     def gather_all():
-        return [RawRows.gather([(raws[s], ids[sh == s] - ds._offsets[s]) for s in np.unique(sh)], fixed_k=ds._fixed_k)
-                for ids, sh in batches]
+        return [RawRows.gather(ds._batch_parts(ids, sh, raws.__getitem__)[0], fixed_k=ds._fixed_k) for ids, sh in batches]
 
     def fused_all():
         for ids, sh in batches:
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             + markdown_table(["workers", "order", "share of row groups read per worker"], groups))
     if not a.no_doc:
         write_section("reader-stages", "Reader: SoftLabelDataset against read_table, stage by stage", body,
-                      command=" ".join(["python bench/reader_bench.py", *(sys.argv[1:] if argv is None else argv)]))
+                      command=f"python bench/reader_bench.py --copies {a.copies} --batch-size {a.batch_size} --repeat {a.repeat}")
     return 0
 
 
