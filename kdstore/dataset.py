@@ -208,7 +208,7 @@ class SoftLabelDataset(IterableDataset):
                 else:
                     batch = self.collate(self._decode_rows(ids, shard_of, loader.get))
                 batch["batch_index"] = j
-                for s in np.unique(shard_of).tolist():
+                for s in set(shard_of.tolist()):
                     if last_use[s] == n:
                         loader.drop(s)
                 yield batch
@@ -426,8 +426,10 @@ class SoftLabelDataset(IterableDataset):
         kernel call, with no flat intermediate and no per-position numpy work. Same tensors
         as the two-step path (``tests/test_native.py``)."""
         parts, source = self._batch_parts(ids, shard_of, get_shard)
-        row_pos = [raw.pos_off[rows] for raw, rows in parts]
-        lengths = np.concatenate([raw.pos_off[rows + 1] - p for (raw, rows), p in zip(parts, row_pos)])
+        # Per row: first position, positions, context, window (one gather per shard).
+        plans = [raw.row_plan().take(rows, axis=1) for raw, rows in parts]
+        plan = plans[0] if len(plans) == 1 else np.concatenate(plans, axis=1)
+        lengths = plan[1]
         if self._fixed_k:
             K = self._fixed_k if lengths.sum() else 1
         else:
@@ -443,19 +445,17 @@ class SoftLabelDataset(IterableDataset):
              "out_idx": np.empty((S, T, K), dtype=np.int64), "out_probs": np.empty((S, T, K), dtype=np.float32),
              "out_tail": np.empty((S, T), dtype=np.float32), "out_counts": np.empty((S, T), dtype=np.int64)}
         where = f"{self.store.uri}{source}"
+        decode = self.store.row_decoder(parts[0][0], k_out=K, **a) if parts else None
         at = 0
-        for (raw, rows), pos in zip(parts, row_pos):
+        for (raw, rows), p in zip(parts, plans):
             n = len(rows)
-            self.store.decode_rows_into(raw, tokens=raw.tokens if raw.tokens_are_ids else None, row_pos=pos,
-                                        row_len=lengths[at:at + n], row_out=row_out[at:at + n], row_ctx=raw.context_len[rows],
-                                        row_pad=row_pad[at:at + n], k_out=K, where=where, **a)
+            decode(raw, raw.tokens if raw.tokens_are_ids else None, p[0], p[1], row_out[at:at + n], p[2], None,
+                   row_pad[at:at + n], where)
             at += n
         sample_id = [x for raw, rows in parts for x in raw.sample_id[rows].tolist()]
-        window = np.concatenate([raw.window[rows] for raw, rows in parts])
-        return self._token_batch(sample_id, window, a["out_ids"], a["out_labels"], a["out_mask"], a["out_kd_mask"],
+        return self._token_batch(sample_id, plan[3], a["out_ids"], a["out_labels"], a["out_mask"], a["out_kd_mask"],
                                  a["out_idx"], a["out_probs"], a["out_tail"], a["out_counts"],
                                  lambda: self._position_layout(lengths)[:4])
-
 
 def _row_padding(row_out: np.ndarray, lengths: np.ndarray, size: int) -> np.ndarray:
     """Padding positions after each row of a batch layout: rows ``r`` at flat positions

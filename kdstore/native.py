@@ -79,7 +79,6 @@ def decode_rows(
     tail_codes: np.ndarray,
     counts: np.ndarray | None,
     pos_entries: np.ndarray | None,
-    fixed_k: int,
     tokens: np.ndarray | None,
     row_pos: np.ndarray,
     row_len: np.ndarray,
@@ -87,20 +86,8 @@ def decode_rows(
     row_ctx: np.ndarray | None = None,
     row_ent: np.ndarray | None = None,
     row_pad: np.ndarray | None = None,
-    k_out: int,
-    ptable: np.ndarray,
-    ttable: np.ndarray | None,
-    order: np.ndarray | None,
-    vocab_size: int,
-    out_idx: np.ndarray,
-    out_probs: np.ndarray,
-    out_tail: np.ndarray,
-    out_counts: np.ndarray | None = None,
-    out_ids: np.ndarray | None = None,
-    out_labels: np.ndarray | None = None,
-    out_mask: np.ndarray | None = None,
-    out_kd_mask: np.ndarray | None = None,
     where: str,
+    **tables_and_outputs,
 ) -> None:
     """Decode R rows of one source into preallocated outputs (requires :data:`AVAILABLE`).
 
@@ -108,6 +95,8 @@ def decode_rows(
     ``[E_src]`` and ``tail_codes`` ``[P_src]`` unsigned codes; ``counts`` ``[P_src]`` kept
     entries per position with ``pos_entries`` ``[P_src]`` int64 their first entry, or None
     (top-k: ``fixed_k`` each); ``tokens`` ``[P_src]`` int64 teacher ids or None.
+    ``tables_and_outputs``: the keyword arguments of :func:`bound_decoder` (``fixed_k``,
+    ``k_out``, the tables and the outputs below).
 
     Rows: row r is source positions ``row_pos[r] : row_pos[r] + row_len[r]``, written to
     output positions ``row_out[r] + t`` (flat index into ``[S * T]``); ``row_ctx[r]`` its
@@ -128,18 +117,55 @@ def decode_rows(
     ``np.empty`` when the rows' spans and pads tile the output. Raises :class:`StoreFormatError` naming ``where`` for a corrupt shard
     (zero gap, index >= vocab, code outside its table).
     """
+    bound_decoder(**tables_and_outputs)(
+        gaps, pcodes, tail_codes, counts, pos_entries, tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad, where)
+
+
+def bound_decoder(
+    *,
+    ptable: np.ndarray,
+    ttable: np.ndarray | None,
+    order: np.ndarray | None,
+    vocab_size: int,
+    fixed_k: int,
+    k_out: int,
+    out_idx: np.ndarray,
+    out_probs: np.ndarray,
+    out_tail: np.ndarray,
+    out_counts: np.ndarray | None = None,
+    out_ids: np.ndarray | None = None,
+    out_labels: np.ndarray | None = None,
+    out_mask: np.ndarray | None = None,
+    out_kd_mask: np.ndarray | None = None,
+):
+    """:func:`decode_rows` with the tables and outputs bound once (requires :data:`AVAILABLE`).
+
+    Returns ``decode(gaps, pcodes, tail_codes, counts, pos_entries, tokens, row_pos, row_len,
+    row_out, row_ctx, row_ent, row_pad, where)``, positional, each argument as in
+    :func:`decode_rows`: for a caller that decodes several sources (the shards of a batch) into
+    the same outputs. Why: a call through :func:`decode_rows`'s keywords costs ~5 us, the
+    kernel's own argument checks ~1.2 us, and a batch makes one call per shard it draws from.
+    """
     if _native is None:
         raise RuntimeError(f"the native decode kernel is not available: {WHY_NOT}")
     # Arrays go to the kernel as they are: it checks each one's dtype, contiguity and size
-    # (TypeError naming the argument), so a call costs no conversions (it is made once per
-    # shard of every batch).
-    status, bad = _native.decode_rows(
-        gaps, pcodes, tail_codes, counts, pos_entries, tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad,
-        ptable, ttable, order, out_idx, out_probs, out_tail, out_counts, out_ids, out_labels, out_mask, out_kd_mask,
-        int(fixed_k), int(k_out), int(vocab_size),
-    )
-    if status == _OK:
-        return
+    # (TypeError naming the argument), so a call costs no conversions.
+    bound = (ptable, ttable, order, out_idx, out_probs, out_tail, out_counts, out_ids, out_labels, out_mask, out_kd_mask,
+             int(fixed_k), int(k_out), int(vocab_size))
+    kernel, vocab = _native.decode_rows, int(vocab_size)
+
+    def decode(gaps, pcodes, tail_codes, counts, pos_entries, tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad,
+               where: str) -> None:
+        status, bad = kernel(gaps, pcodes, tail_codes, counts, pos_entries, tokens, row_pos, row_len, row_out, row_ctx,
+                             row_ent, row_pad, *bound)
+        if status != _OK:
+            _raise_status(status, bad, where, vocab)
+
+    return decode
+
+
+def _raise_status(status: int, bad: int, where: str, vocab_size: int) -> None:
+    """The error for a kernel status other than OK; ``bad`` is the offending value or row."""
     if status == _DUP:
         raise repeated_index_error(where)
     if status == _VOCAB:

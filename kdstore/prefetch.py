@@ -21,6 +21,10 @@ class ShardPrefetcher:
         self._next = 0  # position in ``order`` of the next shard to submit
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kdstore-shards") if order else None
         self._futures: dict[int, Future] = {}
+        # Shards whose load finished and was collected: a batch draws on ~4 shards and each
+        # shard serves ~30 batches, so most gets are this dict's (Future.result takes a lock,
+        # ~5 us per call of main-thread CPU while the read threads run).
+        self._ready: dict[int, RawRows] = {}
 
     def _top_up(self, upto: int) -> None:
         while self._next < len(self._order) and self._next <= upto:
@@ -29,11 +33,18 @@ class ShardPrefetcher:
             self._next += 1
 
     def get(self, shard: int) -> RawRows:
-        self._top_up(self._pos[shard] + self._ahead)
-        return self._futures[shard].result()
+        raw = self._ready.get(shard)
+        if raw is None:
+            # First request of this shard: the furthest position requested so far moves here
+            # (a repeated request of a shard cannot move it), so top up before waiting.
+            self._top_up(self._pos[shard] + self._ahead)
+            raw = self._ready[shard] = self._futures[shard].result()  # a failed load raises again on retry
+            del self._futures[shard]
+        return raw
 
     def drop(self, shard: int) -> None:
         self._futures.pop(shard, None)
+        self._ready.pop(shard, None)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -41,3 +52,4 @@ class ShardPrefetcher:
                 f.cancel()
             self._pool.shutdown(wait=True)
             self._futures.clear()
+        self._ready.clear()

@@ -113,6 +113,16 @@ class RawRows:
         """``[P]`` int64 first entry of each position (cached); None for top-k."""
         return None if self.counts is None else self._entry_offsets()[:-1]
 
+    def row_plan(self) -> np.ndarray:
+        """``[4, R]`` int64 per row (cached): its first position, its positions, its overlap
+        context and its window. A batch gathers its rows' plans with one gather per shard
+        (``plan.take(rows, axis=1)``: C-contiguous, so each line is a kernel argument as it is)."""
+        cached = self.__dict__.get("_row_plan")
+        if cached is None:
+            cached = self.__dict__["_row_plan"] = np.stack(
+                [self.pos_off[:-1], np.diff(self.pos_off), self.context_len, self.window]).astype(np.int64, copy=False)
+        return cached
+
     def row_max_counts(self) -> np.ndarray | None:
         """``[R]`` int64 most kept entries at one position of each row (0 for an empty row;
         cached); None for top-k."""

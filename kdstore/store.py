@@ -402,13 +402,28 @@ class Store:
             indices=idx, probs=probs, tail=tail, label=raw.label,
         )
 
-    def decode_rows_into(self, raw: "RawRows", *, tokens: np.ndarray | None = None, where: str, **plan) -> None:
-        """Decode rows of ``raw`` into any output layout with the native kernel:
-        ``plan`` is the rows and outputs of :func:`kdstore.native.decode_rows` (``row_pos``,
-        ``row_len``, ``row_out``, ``k_out``, ``out_idx``, ...); the source arrays, tables and
-        index order come from ``raw`` and this store. Requires :data:`kdstore.native.AVAILABLE`."""
-        native.decode_rows(gaps=raw.gaps, pcodes=raw.pcodes, tail_codes=raw.tail_codes, counts=raw.counts,
-                           pos_entries=raw.entry_starts(), tokens=tokens, where=where, **self._kernel_tables(raw), **plan)
+    def decode_rows_into(self, raw: "RawRows", *, tokens: np.ndarray | None = None, where: str, row_pos: np.ndarray,
+                         row_len: np.ndarray, row_out: np.ndarray, row_ctx: np.ndarray | None = None,
+                         row_ent: np.ndarray | None = None, row_pad: np.ndarray | None = None, k_out: int, **outputs) -> None:
+        """Decode rows of ``raw`` into any output layout with the native kernel: the rows and
+        outputs are those of :func:`kdstore.native.decode_rows` (``row_pos``, ``row_len``,
+        ``row_out``, ``k_out``, ``out_idx``, ...); the source arrays, tables and index order
+        come from ``raw`` and this store. Requires :data:`kdstore.native.AVAILABLE`."""
+        self.row_decoder(raw, k_out=k_out, **outputs)(raw, tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad, where)
+
+    def row_decoder(self, raw: "RawRows", *, k_out: int, **outputs):
+        """:meth:`decode_rows_into` with the outputs bound once, for rows of any shard of this
+        store (its shards share one schema, so ``raw``'s code width is theirs):
+        ``decode(raw, tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad,
+        where)``, positional (the dataset decodes each shard of a batch into the same
+        outputs; :func:`kdstore.native.bound_decoder` says why it is positional)."""
+        decode = native.bound_decoder(**self._kernel_tables(raw), k_out=k_out, **outputs)
+
+        def decode_raw(src: "RawRows", tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad, where: str) -> None:
+            decode(src.gaps, src.pcodes, src.tail_codes, src.counts, src.entry_starts(), tokens, row_pos, row_len, row_out,
+                   row_ctx, row_ent, row_pad, where)
+
+        return decode_raw
 
     def _kernel_tables(self, raw: "RawRows") -> dict[str, Any]:
         """The store's fixed arguments of :func:`kdstore.native.decode_rows` for ``raw``'s code
