@@ -12,7 +12,7 @@
  * lookup, sum, scale, gather/scatter) plus ~20 per-position array operations per batch, ~12 ns
  * per kept entry, against ~13 ns for Parquet to
  * decode the same entry (bench/reader_bench.py). This kernel takes ~1.1 ns at k = 32, batch
- * columns and padding included (~1.7 ns with the Python of a batch around it).
+ * columns and padding included (~1.5 ns with the Python of a batch around it).
  *
  * Only the buffer protocol is used (no numpy headers): the wrapper in kdstore/native.py
  * checks dtypes and contiguity; this file checks every index it follows against the buffer

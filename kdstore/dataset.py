@@ -445,7 +445,7 @@ class SoftLabelDataset(IterableDataset):
              "out_idx": np.empty((S, T, K), dtype=np.int64), "out_probs": np.empty((S, T, K), dtype=np.float32),
              "out_tail": np.empty((S, T), dtype=np.float32), "out_counts": np.empty((S, T), dtype=np.int64)}
         where = f"{self.store.uri}{source}"
-        decode = self.store.row_decoder(parts[0][0], k_out=K, **a) if parts else None
+        decode = self.store.row_decoder(parts[0][0], k_out=K, **a)  # a batch has rows, so parts
         at = 0
         for (raw, rows), p in zip(parts, plans):
             n = len(rows)
@@ -456,6 +456,7 @@ class SoftLabelDataset(IterableDataset):
         return self._token_batch(sample_id, plan[3], a["out_ids"], a["out_labels"], a["out_mask"], a["out_kd_mask"],
                                  a["out_idx"], a["out_probs"], a["out_tail"], a["out_counts"],
                                  lambda: self._position_layout(lengths)[:4])
+
 
 def _row_padding(row_out: np.ndarray, lengths: np.ndarray, size: int) -> np.ndarray:
     """Padding positions after each row of a batch layout: rows ``r`` at flat positions
