@@ -8,6 +8,7 @@ clobbering each other.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 import re
 import shlex
@@ -38,12 +39,36 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(out)
 
 
+def median_ci(values: list[float], *, level: float = 0.95) -> tuple[float, float, float]:
+    """``(median, low, high)``: the sample median of ``values`` and a distribution-free
+    confidence interval for the population median at ``level`` (order statistics: the
+    number of values below the median is Binomial(n, 1/2), so ``[x_(j), x_(n+1-j)]`` covers it
+    with probability ``1 - 2 P(B < j)``; the largest such j with coverage >= ``level``). No
+    resampling, so the same values always give the same interval. With fewer than 6 values no
+    interval reaches 95 %: the min-max is returned."""
+    x = sorted(values)
+    n = len(x)
+    if n == 0:
+        raise ValueError("median_ci needs at least one value")
+    below, j = 0.0, 0  # below = P(B < j+1) as j grows
+    while j + 1 <= n // 2:
+        below_next = below + math.comb(n, j) / 2**n
+        if 1 - 2 * below_next < level:
+            break
+        below, j = below_next, j + 1
+    lo, hi = (x[j - 1], x[n - j]) if j >= 1 else (x[0], x[-1])
+    return statistics.median(x), lo, hi
+
+
 def paired_ratio(base: list[float], other: list[float]) -> str:
-    """``"median (min-max)"`` of ``base[i] / other[i]`` over repeats i (times of a baseline and
-    a reader measured back to back in each repeat): a host that slows down for a while slows
-    both, so the ratios' spread is the run's own noise, shown next to any target."""
-    r = sorted(b / o for b, o in zip(base, other))
-    return f"{statistics.median(r):.2f}x ({r[0]:.2f}-{r[-1]:.2f})"
+    """``"median [95 % CI] (min-max)"`` of ``base[i] / other[i]`` over repeats i (times of a
+    baseline and a reader measured back to back in each repeat): a host that slows down for a
+    while slows both, so the ratios' spread is the run's own noise, shown next to any target;
+    the interval (:func:`median_ci`) says whether the median clears a target or noise could
+    explain it."""
+    r = [b / o for b, o in zip(base, other)]
+    med, lo, hi = median_ci(r)
+    return f"{med:.2f}x [{lo:.2f}-{hi:.2f}] ({min(r):.2f}-{max(r):.2f})"
 
 
 def write_section(name: str, title: str, body: str, *, command: str | None = None, doc: Path = DOC) -> None:

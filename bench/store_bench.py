@@ -41,13 +41,12 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import kdstore  # noqa: E402
-from kdstore import native  # noqa: E402
 from kdstore import Selection, SoftLabelRow, StoreWriter, TeacherInfo, vocab_table  # noqa: E402
-from kdstore.dataset import SoftLabelDataset  # noqa: E402
 from kdstore.quant import delta_decode, delta_encode, quantizer  # noqa: E402
 from kdstore.writer import ZSTD_LEVEL  # noqa: E402
 
-from bench._report import markdown_table, paired_ratio, write_section  # noqa: E402
+from bench._readers import reader_study  # noqa: E402
+from bench._report import markdown_table, write_section  # noqa: E402
 
 from bench._store_teachers import KS, Teacher, describe, real_teacher, synthetic_teacher  # noqa: E402
 SIZE_HEADERS = ["k", "coding", "B/position", "B/kept entry", "soft-label B/kept entry", "mean KL", "x smaller than fp32"]
@@ -267,71 +266,6 @@ def token_study(t: Teacher, hashes: np.ndarray) -> list[list]:
 
 
 # -- reader throughput ------------------------------------------------------------------------
-def numpy_path(fn):
-    """``fn`` run with the native kernel switched off (``kdstore.native.AVAILABLE`` is read
-    at call time), as on a machine where it was not built."""
-    def run():
-        saved, native.AVAILABLE = native.AVAILABLE, False
-        try:
-            fn()
-        finally:
-            native.AVAILABLE = saved
-    return run
-
-
-def reader_study(store: kdstore.Store, *, repeat: int = 9) -> list[list]:
-    """Throughput of readers of the same shards, into torch tensors.
-
-    The machine may be shared: all readers are timed back to back in each repeat and the
-    best (least disturbed) wall time of each is reported, with the CPU time (all threads of
-    the process) as a second, contention-free measure. Ratios are against the default
-    (multi-threaded) ``read_table``. With the native kernel built, the numpy path is
-    measured in the same run; the last column is :func:`paired_ratio` of the CPU times.
-    """
-    files = [store.shard_path(s) for s in store.shards]
-    P = store.manifest.totals["tokens"]
-    E = store.manifest.totals["entries"]
-
-    def raw():
-        for f in files:
-            pq.read_table(f)
-
-    def raw1():
-        for f in files:
-            pq.read_table(f, use_threads=False)
-
-    def decoded():
-        for d in store.iter_decoded(batch_rows=64):
-            d.to_torch()
-
-    def dataset():
-        for _ in SoftLabelDataset(store, batch_size=16, seed=0):
-            pass
-
-    fns = {"raw": raw, "raw1": raw1, "decoded": decoded, "dataset": dataset}
-    if native.AVAILABLE:  # the numpy path side by side (what a machine without a C compiler runs)
-        fns.update(decoded_np=numpy_path(decoded), dataset_np=numpy_path(dataset))
-    for fn in fns.values():  # warm-up (page cache, lazy imports)
-        fn()
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[k].append(time.perf_counter() - w0)
-            cpu[k].append(time.process_time() - c0)
-    best = {k: min(v) for k, v in wall.items()}
-    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
-    labels = {"raw": "pyarrow.parquet.read_table (raw decode, all columns)", "raw1": "pyarrow.parquet.read_table, use_threads=False",
-              "decoded": "Store.iter_decoded -> DecodedRows.to_torch (flat tensors)",
-              "dataset": "SoftLabelDataset, shuffled, collated [B,T,K] tensors",
-              "decoded_np": "Store.iter_decoded -> to_torch, numpy path (KDSTORE_NATIVE=0)",
-              "dataset_np": "SoftLabelDataset, numpy path (KDSTORE_NATIVE=0)"}
-    return [[labels[k], P / best[k] / 1e6, E / best[k] / 1e6, best["raw"] / best[k], cpu_med["raw"] / cpu_med[k],
-             paired_ratio(cpu["raw"], cpu[k])] for k in fns]
-
-
 def _soft_label_bytes(path: Path | str) -> int:
     """Compressed bytes of the soft-label columns (indices, probs, tail, counts) of a file."""
     md = pq.ParquetFile(path).metadata
@@ -462,12 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         # dataset shuffles across shards as it would in a real store)
         store = write_kdstore(t, 32, 8, tmp / "reader", hashes=hashes)
         _replicate_shard(tmp / "reader", args.reader_copies)
-        reader_rows = reader_study(kdstore.open(str(tmp / "reader")))
+        reader_rows, _ = reader_study(kdstore.open(str(tmp / "reader")))
     for title, headers, rows in (
         ("Index coding (k=32, 8-bit sqrt probability codes, same data)", ["entry order", "index coding", "idx B/entry", "probs B/entry", "total B/entry", "idx decode M entries/s"], idx_rows),
         ("Probability codes (index order, BYTE_STREAM_SPLIT + zstd)", ["k", "code", "probs B/entry", "mean KL", "p99 KL", "positions with infinite KL"], q_rows),
         ("Token-hash column", ["positions per row group", "tokens", "coding", "B/position"], tok_rows),
-        (f"Reader throughput (k=32 sqrt8 store, {args.reader_copies} shards, 1 process)", ["reader", "M positions/s", "M entries/s", "speed vs raw pyarrow (wall, best of 9)", "speed vs raw (CPU time)", "CPU vs raw, paired per repeat: median (min-max)"], reader_rows),
+        (f"Reader throughput (k=32 sqrt8 store, {args.reader_copies} shards, 1 process)", ["reader", "M positions/s", "M entries/s", "speed vs raw pyarrow (wall, best of 9)", "speed vs raw (CPU time)", "CPU vs raw, paired per repeat: median [95 % CI] (min-max)"], reader_rows),
     ):
         table = markdown_table(headers, rows)
         print(f"\n== {title}\n{table}")

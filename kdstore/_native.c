@@ -247,11 +247,15 @@ DEFINE_KERNEL(k_4_4, uint32_t, uint32_t)
 
 /* Arguments, in order: name, kind ('u': unsigned codes of 1, 2 or 4 bytes, 'q': int64,
  * 'f': float32, '?': bool), writable, may be None. Kinds are checked here from the buffer's
- * format, so the Python wrapper passes arrays through without per-call conversions. */
+ * format, so the Python wrapper passes arrays through without per-call conversions. SRC_ARGS
+ * are one source's (a shard's codes, given per source); ARGS the call's (rows, tables, outputs). */
 typedef struct { const char *name; char kind; int writable, optional; } Arg;
-static const Arg ARGS[] = {
+static const Arg SRC_ARGS[] = {
     {"gaps", 'u', 0, 0}, {"pcodes", 'u', 0, 0}, {"tail_codes", 'u', 0, 0}, {"counts", 'u', 0, 1}, {"pos_ent", 'q', 0, 1},
-    {"tokens", 'q', 0, 1}, {"row_pos", 'q', 0, 0}, {"row_len", 'q', 0, 0}, {"row_out", 'q', 0, 0}, {"row_ctx", 'q', 0, 1},
+    {"tokens", 'q', 0, 1},
+};
+static const Arg ARGS[] = {
+    {"row_pos", 'q', 0, 0}, {"row_len", 'q', 0, 0}, {"row_out", 'q', 0, 0}, {"row_ctx", 'q', 0, 1},
     {"row_ent", 'q', 0, 1}, {"row_pad", 'q', 0, 1}, {"ptable", 'f', 0, 0}, {"ttable", 'f', 0, 1}, {"order", 'q', 0, 1},
     {"out_idx", 'q', 1, 0}, {"out_probs", 'f', 1, 0}, {"out_tail", 'f', 1, 0}, {"out_counts", 'q', 1, 1},
     {"out_ids", 'q', 1, 1}, {"out_labels", 'q', 1, 1}, {"out_mask", '?', 1, 1}, {"out_kd_mask", '?', 1, 1},
@@ -278,45 +282,87 @@ static const char *kind_name(char kind) {
     default: return "a C-contiguous bool array";
     }
 }
-enum { NARGS = sizeof(ARGS) / sizeof(ARGS[0]) };
-enum { GAPS, PCODES, TCODES, COUNTS, POS_ENT, TOKENS, ROW_POS, ROW_LEN, ROW_OUT, ROW_CTX, ROW_ENT, ROW_PAD, PTABLE, TTABLE,
+
+/* Acquires buffer *b of argument `a` from o (None allowed where optional: *have stays 0);
+ * src >= 0 names the source in the error. Returns 0, or -1 with a TypeError set. */
+static int get_arg(PyObject *o, const Arg *a, Py_ssize_t src, Py_buffer *b, int *have) {
+    if (o == Py_None && a->optional) return 0;
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (a->writable ? PyBUF_WRITABLE : 0)) < 0) {
+        PyErr_Clear();
+        if (src >= 0) PyErr_Format(PyExc_TypeError, "sources[%zd].%s: expected %s", src, a->name, kind_name(a->kind));
+        else PyErr_Format(PyExc_TypeError, "%s: expected %s%s", a->name, kind_name(a->kind), a->writable ? " (writable)" : "");
+        return -1;
+    }
+    *have = 1;
+    if (!kind_ok(b, a->kind)) {
+        if (src >= 0) PyErr_Format(PyExc_TypeError, "sources[%zd].%s: expected %s, got format '%s'", src, a->name,
+                                   kind_name(a->kind), b->format ? b->format : "B");
+        else PyErr_Format(PyExc_TypeError, "%s: expected %s, got format '%s'", a->name, kind_name(a->kind),
+                          b->format ? b->format : "B");
+        return -1;
+    }
+    return 0;
+}
+
+enum { NSRC = sizeof(SRC_ARGS) / sizeof(SRC_ARGS[0]), NARGS = sizeof(ARGS) / sizeof(ARGS[0]) };
+enum { GAPS, PCODES, TCODES, COUNTS, POS_ENT, TOKENS };
+enum { ROW_POS, ROW_LEN, ROW_OUT, ROW_CTX, ROW_ENT, ROW_PAD, PTABLE, TTABLE,
        ORDER, OUT_IDX, OUT_PROBS, OUT_TAIL, OUT_COUNTS, OUT_IDS, OUT_LABELS, OUT_MASK, OUT_KD_MASK };
 
+/* decode_rows(sources, row_pos, ..., out_kd_mask, fixed_k, k_out, vocab) -> (status, bad, source):
+ * sources is a sequence of (gaps, pcodes, tail_codes, counts, pos_ent, tokens, n_rows) tuples,
+ * one per source (a shard of the batch); source i's rows are the next n_rows of the row
+ * arrays, so one call decodes every shard of a batch into the shared outputs (a call's buffer
+ * checks cost ~1 us per array, and a batch draws from several shards). `source` is the
+ * index of the source at fault when status is not OK. */
 static PyObject *decode_rows(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *o[NARGS];
+    PyObject *srcs, *o[NARGS];
     long long fixed_k, k_out, vocab;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOOOOOOOOOLLL", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
-                          &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15], &o[16], &o[17], &o[18],
-                          &o[19], &o[20], &o[21], &o[22], &fixed_k, &k_out, &vocab))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOOOOLLL", &srcs, &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
+                          &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15], &o[16], &fixed_k, &k_out, &vocab))
         return NULL;
-    Py_buffer b[NARGS];
-    int have[NARGS] = {0};
+    PyObject *seq = PySequence_Fast(srcs, "sources must be a sequence of (gaps, pcodes, tail_codes, counts, pos_ent, tokens, n_rows)");
+    if (seq == NULL) return NULL;
+    const Py_ssize_t n_src = PySequence_Fast_GET_SIZE(seq);
+    Py_buffer b[NARGS], *sb = NULL;
+    int have[NARGS] = {0}, *shave = NULL;
+    Py_ssize_t *src_rows = NULL;
     PyObject *result = NULL;
-    for (int i = 0; i < NARGS; i++) {
-        if (o[i] == Py_None && ARGS[i].optional) continue;
-        if (PyObject_GetBuffer(o[i], &b[i], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (ARGS[i].writable ? PyBUF_WRITABLE : 0)) < 0) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "%s: expected %s%s", ARGS[i].name, kind_name(ARGS[i].kind),
-                         ARGS[i].writable ? " (writable)" : "");
-            goto done;
-        }
-        have[i] = 1;
-        if (!kind_ok(&b[i], ARGS[i].kind)) {
-            PyErr_Format(PyExc_TypeError, "%s: expected %s, got format '%s'", ARGS[i].name, kind_name(ARGS[i].kind),
-                         b[i].format ? b[i].format : "B");
-            goto done;
-        }
-    }
+    sb = PyMem_Calloc((size_t)(n_src ? n_src : 1) * NSRC, sizeof *sb);
+    shave = PyMem_Calloc((size_t)(n_src ? n_src : 1) * NSRC, sizeof *shave);
+    src_rows = PyMem_Calloc((size_t)(n_src ? n_src : 1), sizeof *src_rows);
+    if (sb == NULL || shave == NULL || src_rows == NULL) { PyErr_NoMemory(); goto done; }
+    for (int i = 0; i < NARGS; i++)
+        if (get_arg(o[i], &ARGS[i], -1, &b[i], &have[i]) < 0) goto done;
 #define N(i) (b[i].len / b[i].itemsize)
+#define SB(s, i) sb[(s) * NSRC + (i)]
+#define SN(s, i) (SB(s, i).len / SB(s, i).itemsize)
+    Py_ssize_t total_rows = 0;
+    for (Py_ssize_t s = 0; s < n_src; s++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, s);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != NSRC + 1) {
+            PyErr_Format(PyExc_TypeError, "sources[%zd]: expected a (gaps, pcodes, tail_codes, counts, pos_ent, tokens, n_rows) tuple", s);
+            goto done;
+        }
+        for (int i = 0; i < NSRC; i++)
+            if (get_arg(PyTuple_GET_ITEM(t, i), &SRC_ARGS[i], s, &SB(s, i), &shave[s * NSRC + i]) < 0) goto done;
+        src_rows[s] = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, NSRC));
+        if (src_rows[s] == -1 && PyErr_Occurred()) goto done;
+        const int *h = &shave[s * NSRC];
+        if (src_rows[s] < 0 || SN(s, PCODES) != SN(s, GAPS)
+            || (h[COUNTS] && (!h[POS_ENT] || SN(s, COUNTS) != SN(s, TCODES) || SN(s, POS_ENT) != SN(s, TCODES)))) {
+            PyErr_Format(PyExc_ValueError, "sources[%zd]: gaps/pcodes must have one code per entry, counts/pos_ent one "
+                         "value per position, n_rows >= 0", s);
+            goto done;
+        }
+        total_rows += src_rows[s];
+    }
     Py_ssize_t R = N(ROW_POS);
     if (N(ROW_LEN) != R || N(ROW_OUT) != R || (have[ROW_CTX] && N(ROW_CTX) != R) || (have[ROW_ENT] && N(ROW_ENT) != R)
-        || (have[ROW_PAD] && N(ROW_PAD) != R)) {
-        PyErr_SetString(PyExc_ValueError, "row_pos, row_len, row_out (row_ctx, row_ent, row_pad) must have one value per row");
-        goto done;
-    }
-    if (N(PCODES) != N(GAPS) || (have[COUNTS] && (!have[POS_ENT] || N(COUNTS) != N(TCODES) || N(POS_ENT) != N(TCODES)))) {
-        PyErr_SetString(PyExc_ValueError, "gaps/pcodes must have one code per entry, counts/pos_ent one value per position");
+        || (have[ROW_PAD] && N(ROW_PAD) != R) || total_rows != R) {
+        PyErr_SetString(PyExc_ValueError, "row_pos, row_len, row_out (row_ctx, row_ent, row_pad) must have one value per row, "
+                        "and the sources' n_rows must add up to the rows");
         goto done;
     }
     if (N(OUT_IDX) != N(OUT_PROBS) || (k_out == 0 && (!have[ROW_ENT] || have[ROW_PAD])) || k_out < 0) {
@@ -333,15 +379,9 @@ static PyObject *decode_rows(PyObject *self, PyObject *args) {
         goto done;
     }
 #define P(i, T) (have[i] ? (T)b[i].buf : NULL)
-    Job j = {
-        .gaps = b[GAPS].buf, .gsz = (int)b[GAPS].itemsize, .n_gaps = N(GAPS),
-        .pcodes = b[PCODES].buf, .psz = (int)b[PCODES].itemsize,
-        .tcodes = b[TCODES].buf, .tsz = (int)b[TCODES].itemsize, .n_pos_src = N(TCODES),
-        .counts = P(COUNTS, const void *), .csz = have[COUNTS] ? (int)b[COUNTS].itemsize : 0, .fixed_k = fixed_k,
-        .pos_ent = P(POS_ENT, const int64_t *), .tokens = P(TOKENS, const int64_t *), .n_tokens = have[TOKENS] ? N(TOKENS) : 0,
-        .row_pos = b[ROW_POS].buf, .row_len = b[ROW_LEN].buf, .row_out = b[ROW_OUT].buf,
-        .row_ctx = P(ROW_CTX, const int64_t *), .row_ent = P(ROW_ENT, const int64_t *),
-        .row_pad = P(ROW_PAD, const int64_t *), .n_rows = R, .k_out = k_out,
+#define SP(i, T) (shave[s * NSRC + (i)] ? (T)SB(s, i).buf : NULL)
+    const Job base = {
+        .fixed_k = fixed_k, .k_out = k_out,
         .ptable = b[PTABLE].buf, .n_ptable = N(PTABLE),
         .ttable = P(TTABLE, const float *), .n_ttable = have[TTABLE] ? N(TTABLE) : 0,
         .order = P(ORDER, const int64_t *), .vocab = vocab,
@@ -350,21 +390,51 @@ static PyObject *decode_rows(PyObject *self, PyObject *args) {
         .out_counts = P(OUT_COUNTS, int64_t *), .out_ids = P(OUT_IDS, int64_t *), .out_labels = P(OUT_LABELS, int64_t *),
         .out_mask = P(OUT_MASK, uint8_t *), .out_kd_mask = P(OUT_KD_MASK, uint8_t *),
     };
-#undef P
-#undef N
+    const int64_t *row_pos = b[ROW_POS].buf, *row_len = b[ROW_LEN].buf, *row_out = b[ROW_OUT].buf;
+    const int64_t *row_ctx = P(ROW_CTX, const int64_t *), *row_ent = P(ROW_ENT, const int64_t *);
+    const int64_t *row_pad = P(ROW_PAD, const int64_t *);
     int64_t bad = 0;
-    int status;
+    int status = OK;
+    Py_ssize_t at_src = 0;
     int (*kernels[3][3])(const Job *, int64_t *) = {
         {k_1_1, k_1_2, k_1_4}, {k_2_1, k_2_2, k_2_4}, {k_4_1, k_4_2, k_4_4}};
-    int gi = j.gsz == 1 ? 0 : j.gsz == 2 ? 1 : 2, pi = j.psz == 1 ? 0 : j.psz == 2 ? 1 : 2;
     Py_BEGIN_ALLOW_THREADS
-    status = kernels[gi][pi](&j, &bad);
+    Py_ssize_t at = 0;
+    for (Py_ssize_t s = 0; s < n_src && status == OK; s++) {
+        Job j = base;
+        j.gaps = SB(s, GAPS).buf; j.gsz = (int)SB(s, GAPS).itemsize; j.n_gaps = SN(s, GAPS);
+        j.pcodes = SB(s, PCODES).buf; j.psz = (int)SB(s, PCODES).itemsize;
+        j.tcodes = SB(s, TCODES).buf; j.tsz = (int)SB(s, TCODES).itemsize; j.n_pos_src = SN(s, TCODES);
+        j.counts = SP(COUNTS, const void *); j.csz = shave[s * NSRC + COUNTS] ? (int)SB(s, COUNTS).itemsize : 0;
+        j.pos_ent = SP(POS_ENT, const int64_t *);
+        j.tokens = SP(TOKENS, const int64_t *); j.n_tokens = shave[s * NSRC + TOKENS] ? SN(s, TOKENS) : 0;
+        j.row_pos = row_pos + at; j.row_len = row_len + at; j.row_out = row_out + at;
+        j.row_ctx = row_ctx ? row_ctx + at : NULL; j.row_ent = row_ent ? row_ent + at : NULL;
+        j.row_pad = row_pad ? row_pad + at : NULL; j.n_rows = src_rows[s];
+        int gi = j.gsz == 1 ? 0 : j.gsz == 2 ? 1 : 2, pi = j.psz == 1 ? 0 : j.psz == 2 ? 1 : 2;
+        status = kernels[gi][pi](&j, &bad);
+        if (status == RANGE || status == DUP) bad += at; /* a row: of the call, not of the source */
+        at_src = s;
+        at += src_rows[s];
+    }
     NT_FENCE(); /* the streaming stores are visible to every thread before the call returns */
     Py_END_ALLOW_THREADS
-    result = Py_BuildValue("iL", status, (long long)bad);
+    result = Py_BuildValue("iLn", status, (long long)bad, at_src);
+#undef SP
+#undef P
+#undef SN
+#undef SB
+#undef N
 done:
     for (int i = 0; i < NARGS; i++)
         if (have[i]) PyBuffer_Release(&b[i]);
+    if (sb != NULL && shave != NULL)
+        for (Py_ssize_t i = 0; i < n_src * NSRC; i++)
+            if (shave[i]) PyBuffer_Release(&sb[i]);
+    PyMem_Free(sb);
+    PyMem_Free(shave);
+    PyMem_Free(src_rows);
+    Py_DECREF(seq);
     return result;
 }
 
@@ -418,7 +488,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"token_ids", token_ids, METH_VARARGS, "token_ids(hashes, table, bits, out) -> (missing, first); see kdstore/native.py"},
-    {"decode_rows", decode_rows, METH_VARARGS, "decode_rows(...) -> (status, bad); see kdstore/native.py"},
+    {"decode_rows", decode_rows, METH_VARARGS, "decode_rows(sources, ...) -> (status, bad, source); see kdstore/native.py"},
     {NULL, NULL, 0, NULL},
 };
 

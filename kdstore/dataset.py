@@ -264,18 +264,18 @@ class SoftLabelDataset(IterableDataset):
         Within a batch, rows come grouped by shard (shards in ascending order, rows in epoch
         order within a shard): a pure function of the epoch order, so resuming reproduces it.
         """
-        parts, source = self._batch_parts(ids, shard_of, get_shard)
-        return self.store.decode_raw(RawRows.gather(parts, fixed_k=self._fixed_k), source=source)
+        parts, files = self._batch_parts(ids, shard_of, get_shard)
+        return self.store.decode_raw(RawRows.gather(parts, fixed_k=self._fixed_k), source=f" (batch from {', '.join(files)})")
 
-    def _batch_parts(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> tuple[list[tuple[RawRows, np.ndarray]], str]:
-        """``([(loaded shard, its rows in it), ...], " (batch from FILES)")`` for the rows
-        ``ids`` of one batch, shards in ascending order (see :meth:`_decode_rows`)."""
+    def _batch_parts(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> tuple[list[tuple[RawRows, np.ndarray]], list[str]]:
+        """``([(loaded shard, its rows in it), ...], [its file, ...])`` for the rows ``ids`` of
+        one batch, shards in ascending order (see :meth:`_decode_rows`)."""
         parts, files = [], []
         for s, local in self._by_shard(ids, shard_of):
             raw = get_shard(s)
             parts.append((raw, raw.row_map[local]))
             files.append(self.store.shards[s].file)
-        return parts, f" (batch from {', '.join(files)})"
+        return parts, files
 
     def _aligned_batch(self, ids: np.ndarray, shard_of: np.ndarray, get_shard) -> dict[str, Any]:
         """One batch in the student's tokenization (``sequence=``): decode the rows, gather
@@ -425,7 +425,7 @@ class SoftLabelDataset(IterableDataset):
         kernel): each shard's rows are decoded straight into the ``[S, T(, K)]`` arrays by one
         kernel call, with no flat intermediate and no per-position numpy work. Same tensors
         as the two-step path (``tests/test_native.py``)."""
-        parts, source = self._batch_parts(ids, shard_of, get_shard)
+        parts, files = self._batch_parts(ids, shard_of, get_shard)
         # Per row: first position, positions, context, window (one gather per shard).
         plans = [raw.row_plan().take(rows, axis=1) for raw, rows in parts]
         plan = plans[0] if len(plans) == 1 else np.concatenate(plans, axis=1)
@@ -444,14 +444,11 @@ class SoftLabelDataset(IterableDataset):
              "out_mask": np.empty((S, T), dtype=bool), "out_kd_mask": np.empty((S, T), dtype=bool),
              "out_idx": np.empty((S, T, K), dtype=np.int64), "out_probs": np.empty((S, T, K), dtype=np.float32),
              "out_tail": np.empty((S, T), dtype=np.float32), "out_counts": np.empty((S, T), dtype=np.int64)}
-        where = f"{self.store.uri}{source}"
-        decode = self.store.row_decoder(parts[0][0], k_out=K, **a)  # a batch has rows, so parts
-        at = 0
-        for (raw, rows), p in zip(parts, plans):
-            n = len(rows)
-            decode(raw, raw.tokens if raw.tokens_are_ids else None, p[0], p[1], row_out[at:at + n], p[2], None,
-                   row_pad[at:at + n], where)
-            at += n
+        # One kernel call for the batch's shards (a batch has rows, so parts); an error names
+        # the shard at fault.
+        self.store.row_decoder(parts[0][0], k_out=K, **a)(
+            [(raw, raw.tokens if raw.tokens_are_ids else None, len(rows)) for raw, rows in parts],
+            plan[0], plan[1], row_out, plan[2], None, row_pad, [f"{self.store.uri}/{f}" for f in files])
         sample_id = [x for raw, rows in parts for x in raw.sample_id[rows].tolist()]
         return self._token_batch(sample_id, plan[3], a["out_ids"], a["out_labels"], a["out_mask"], a["out_kd_mask"],
                                  a["out_idx"], a["out_probs"], a["out_tail"], a["out_counts"],

@@ -18,6 +18,7 @@ store's hash -> id lookup in C.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -118,7 +119,8 @@ def decode_rows(
     (zero gap, index >= vocab, code outside its table).
     """
     bound_decoder(**tables_and_outputs)(
-        gaps, pcodes, tail_codes, counts, pos_entries, tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad, where)
+        [(gaps, pcodes, tail_codes, counts, pos_entries, tokens, len(row_pos))], row_pos, row_len, row_out, row_ctx, row_ent,
+        row_pad, where)
 
 
 def bound_decoder(
@@ -138,13 +140,16 @@ def bound_decoder(
     out_mask: np.ndarray | None = None,
     out_kd_mask: np.ndarray | None = None,
 ):
-    """:func:`decode_rows` with the tables and outputs bound once (requires :data:`AVAILABLE`).
+    """:func:`decode_rows` with the tables and outputs bound once, for rows of several
+    sources (requires :data:`AVAILABLE`).
 
-    Returns ``decode(gaps, pcodes, tail_codes, counts, pos_entries, tokens, row_pos, row_len,
-    row_out, row_ctx, row_ent, row_pad, where)``, positional, each argument as in
-    :func:`decode_rows`: for a caller that decodes several sources (the shards of a batch) into
-    the same outputs. Why: a call through :func:`decode_rows`'s keywords costs ~5 us, the
-    kernel's own argument checks ~1.2 us, and a batch makes one call per shard it draws from.
+    Returns ``decode(sources, row_pos, row_len, row_out, row_ctx, row_ent, row_pad, where)``,
+    positional: ``sources`` a sequence of ``(gaps, pcodes, tail_codes, counts, pos_entries,
+    tokens, n_rows)`` tuples (each as in :func:`decode_rows`), source i's rows being the next
+    ``n_rows`` of the row arrays; ``where`` a string, or one per source (the error names the
+    source at fault). One call decodes every shard of a batch into the same outputs. Why:
+    a call through :func:`decode_rows`'s keywords costs ~5 us, the kernel's checks ~1 us per
+    array, and a batch draws from several shards.
     """
     if _native is None:
         raise RuntimeError(f"the native decode kernel is not available: {WHY_NOT}")
@@ -154,12 +159,10 @@ def bound_decoder(
              int(fixed_k), int(k_out), int(vocab_size))
     kernel, vocab = _native.decode_rows, int(vocab_size)
 
-    def decode(gaps, pcodes, tail_codes, counts, pos_entries, tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad,
-               where: str) -> None:
-        status, bad = kernel(gaps, pcodes, tail_codes, counts, pos_entries, tokens, row_pos, row_len, row_out, row_ctx,
-                             row_ent, row_pad, *bound)
+    def decode(sources, row_pos, row_len, row_out, row_ctx, row_ent, row_pad, where: str | Sequence[str]) -> None:
+        status, bad, src = kernel(sources, row_pos, row_len, row_out, row_ctx, row_ent, row_pad, *bound)
         if status != _OK:
-            _raise_status(status, bad, where, vocab)
+            _raise_status(status, bad, where if isinstance(where, str) else where[src], vocab)
 
     return decode
 

@@ -409,25 +409,28 @@ class Store:
         outputs are those of :func:`kdstore.native.decode_rows` (``row_pos``, ``row_len``,
         ``row_out``, ``k_out``, ``out_idx``, ...); the source arrays, tables and index order
         come from ``raw`` and this store. Requires :data:`kdstore.native.AVAILABLE`."""
-        self.row_decoder(raw, k_out=k_out, **outputs)(raw, tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad, where)
+        self.row_decoder(raw, k_out=k_out, **outputs)([(raw, tokens, len(row_pos))], row_pos, row_len, row_out, row_ctx, row_ent,
+                                                      row_pad, where)
 
     def row_decoder(self, raw: "RawRows", *, k_out: int, **outputs):
-        """:meth:`decode_rows_into` with the outputs bound once, for rows of any shard of this
-        store (its shards share one schema, so ``raw``'s code width is theirs):
-        ``decode(raw, tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad,
-        where)``, positional (the dataset decodes each shard of a batch into the same
-        outputs; :func:`kdstore.native.bound_decoder` says why it is positional)."""
+        """:meth:`decode_rows_into` with the outputs bound once, for rows of several shards of
+        this store in one kernel call (its shards share one schema, so ``raw``'s code width is
+        theirs): ``decode(sources, row_pos, row_len, row_out, row_ctx, row_ent, row_pad,
+        where)``, positional, with ``sources`` a sequence of ``(raw, tokens, n_rows)``: source
+        i's rows are the next ``n_rows`` of the row arrays; ``where`` a string or one per
+        source (the dataset decodes every shard of a batch into its outputs at once;
+        :func:`kdstore.native.bound_decoder` says why)."""
         decode = native.bound_decoder(**self._kernel_tables(raw), k_out=k_out, **outputs)
 
-        def decode_raw(src: "RawRows", tokens, row_pos, row_len, row_out, row_ctx, row_ent, row_pad, where: str) -> None:
-            decode(src.gaps, src.pcodes, src.tail_codes, src.counts, src.entry_starts(), tokens, row_pos, row_len, row_out,
-                   row_ctx, row_ent, row_pad, where)
+        def decode_raw(sources, row_pos, row_len, row_out, row_ctx, row_ent, row_pad, where) -> None:
+            decode([(src.gaps, src.pcodes, src.tail_codes, src.counts, src.entry_starts(), tokens, n) for src, tokens, n in sources],
+                   row_pos, row_len, row_out, row_ctx, row_ent, row_pad, where)
 
         return decode_raw
 
     def _kernel_tables(self, raw: "RawRows") -> dict[str, Any]:
         """The store's fixed arguments of :func:`kdstore.native.decode_rows` for ``raw``'s code
-        width (built once: the kernel is called once per shard of every batch)."""
+        width (built once: the kernel is called once per batch)."""
         key = (raw.pcodes.dtype, raw.counts is None)
         cache = self.__dict__.setdefault("_kernel_args", {})
         if key not in cache:

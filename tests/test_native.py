@@ -177,20 +177,59 @@ def test_dataset_batch_values_by_hand(tmp_path):
 @pytest.mark.parametrize("native_on", [True, False])
 def test_corrupt_shard_same_error_on_both_paths(tmp_path, monkeypatch, native_on):
     store = _store(tmp_path / "s", "topk", n_rows=5)
-    t = store.read_shard(0)
-    col = t.column("indices").combine_chunks()
-    gaps = col.values.to_numpy(zero_copy_only=False).copy()
-    first = col.offsets.to_numpy()[0]
-    gaps[first + 1] = 0  # the second entry of the first position repeats the first
-    t = t.set_column(t.schema.get_field_index("indices"), t.schema.field("indices"),
-                     pa.ListArray.from_arrays(col.offsets, pa.array(gaps, type=col.type.value_type)))
-    shard = plant_shard(tmp_path / "s", t)
+    shard = plant_shard(tmp_path / "s", _zero_gap(store.read_shard(0)))
     monkeypatch.setattr(native, "AVAILABLE", native_on)
     store = kdstore.open(str(tmp_path / "s"))
     with pytest.raises(StoreFormatError, match=rf"{shard.name}.*repeats a kept index"):
         list(store.iter_decoded())
     with pytest.raises(StoreFormatError, match=rf"{shard.name}.*repeats a kept index"):
         list(SoftLabelDataset(store, batch_size=2))
+
+
+def _zero_gap(table: pa.Table) -> pa.Table:
+    """``table`` with the second entry of its first position repeating the first (a zero gap)."""
+    col = table.column("indices").combine_chunks()
+    gaps = col.values.to_numpy(zero_copy_only=False).copy()
+    gaps[col.offsets.to_numpy()[0] + 1] = 0
+    return table.set_column(table.schema.get_field_index("indices"), table.schema.field("indices"),
+                            pa.ListArray.from_arrays(col.offsets, pa.array(gaps, type=col.type.value_type)))
+
+
+@needs_kernel
+def test_batch_error_names_the_shard_at_fault(tmp_path):
+    """A batch's shards are decoded in one kernel call; the error names the corrupt shard
+    alone, not every shard of the batch."""
+    store = _store(tmp_path / "s", "topk", n_rows=40, max_len=30, shard_bytes=2_000)
+    assert len(store.shards) > 2
+    bad = plant_shard(tmp_path / "s", _zero_gap(store.read_shard(1)), shard=1)
+    store = kdstore.open(str(tmp_path / "s"))
+    with pytest.raises(StoreFormatError, match="repeats a kept index") as err:
+        list(SoftLabelDataset(store, batch_size=40, shuffle=False))  # one batch: every shard
+    msg = str(err.value)
+    assert f"shards/{bad.name}" in msg
+    assert not any(s.file in msg for i, s in enumerate(store.shards) if i != 1), msg
+
+
+@needs_kernel
+def test_sources_must_cover_the_rows(tmp_path):
+    """The kernel's source list: each source's n_rows consume the next rows; a mismatch or a
+    malformed source is an error naming it, not a read past the arrays."""
+    store = _store(tmp_path / "s", "topk", n_rows=3)
+    raw = store.raw(store.read_shard(0))
+    P, K = len(raw.tail_codes), 8
+    decode = native.bound_decoder(**store._kernel_tables(raw), k_out=K, out_idx=np.zeros(P * K, np.int64),
+                                  out_probs=np.zeros(P * K, np.float32), out_tail=np.zeros(P, np.float32))
+    src = (raw.gaps, raw.pcodes, raw.tail_codes, None, None, None)
+    rows = (raw.pos_off[:-1], np.diff(raw.pos_off), raw.pos_off[:-1], None, None, None)
+    R = len(rows[0])
+    decode([(*src, 1), (*src, R - 1)], *rows, "x")  # two sources, the same shard twice
+    for sources in ([(*src, R - 1)], [(*src, R), (*src, 1)], [(*src, -1), (*src, R + 1)]):
+        with pytest.raises(ValueError, match="n_rows"):
+            decode(sources, *rows, "x")
+    with pytest.raises(TypeError, match=r"sources\[1\]\.pcodes"):
+        decode([(*src, 1), (raw.gaps, raw.pcodes.astype(np.float32), raw.tail_codes, None, None, None, R - 1)], *rows, "x")
+    with pytest.raises(TypeError, match=r"sources\[0\]: expected a \(gaps"):
+        decode([src], *rows, "x")
 
 
 @needs_kernel
