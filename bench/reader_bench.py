@@ -44,6 +44,7 @@ from bench._readers import numpy_path, reader_study  # noqa: E402
 from bench.store_bench import _replicate_shard, _vocab, write_kdstore  # noqa: E402
 from kdstore.dataset import SoftLabelDataset  # noqa: E402
 from kdstore.rows import RawRows  # noqa: E402
+from kdstore.writer import frequency_order  # noqa: E402
 
 
 def _best(fn, repeat: int) -> tuple[float, float]:
@@ -173,13 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--pair-repeat", type=int, default=61, help="repeats of read_table vs the dataset alone (the target check)")
+    ap.add_argument("--index-order", choices=("id", "frequency"), default="id",
+                    help="ids as they are, or ranked by input-token frequency (kd cache's default: the decode looks "
+                         "each kept entry's id up in the store's rank -> id table)")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     a = ap.parse_args(argv)
     load0 = os.getloadavg()[0]
     t = synthetic_teacher(a.positions, a.vocab)
     with tempfile.TemporaryDirectory(prefix="kdstore-reader-") as d:
         path = Path(d) / "reader"
-        write_kdstore(t, 32, 8, path, hashes=_vocab(t.vocab).column("hash").to_numpy())
+        # frequency: what kd cache --index-order frequency does, ids ranked by their count among the input tokens
+        order = frequency_order(np.bincount(t.tokens, minlength=t.vocab), t.vocab) if a.index_order == "frequency" else None
+        write_kdstore(t, 32, 8, path, hashes=_vocab(t.vocab).column("hash").to_numpy(), index_order=order)
         _replicate_shard(path, a.copies)
         store = kdstore.open(str(path))
         readers, _ = reader_study(store, repeat=a.repeat)
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         E = store.manifest.totals["entries"]
         # Row groups a DataLoader worker reads: the same rows written in row groups of 8 rows.
         small = Path(d) / "small-groups"
-        write_kdstore(t, 32, 8, small, hashes=_vocab(t.vocab).column("hash").to_numpy(), row_group_rows=8)
+        write_kdstore(t, 32, 8, small, hashes=_vocab(t.vocab).column("hash").to_numpy(), row_group_rows=8, index_order=order)
         _replicate_shard(small, a.copies)
         sg = kdstore.open(str(small))
         groups = [[w, "shuffled (default)" if sh else "in order", f"{row_group_share(sg, batch_size=bs, workers=w, shuffle=sh):.2f}"]
@@ -206,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     print(t1 + "\n\n" + t2 + "\n\n" + t3 + "\n\n" + markdown_table(["workers", "order", "share of row groups read per worker"], groups))
     ds_threads = SoftLabelDataset(store, batch_size=1).read_threads
     machine = ("idle" if max(load0, load1) < 1.5 else "shared") + f" (load average {load0:.1f} before, {load1:.1f} after, 2 cores)"
-    body = (f"Store: {t.label}, top-32 sqrt8, {a.copies} copies of one shard ({E:,} kept entries); batches of "
+    coding = ("ids ranked by input-token frequency (`kd cache`'s default index order: each kept entry's id is "
+              "looked up in the store's rank -> id table; the synthetic generator spreads its top-32 over many "
+              "ranks, the harder case for that table's cache than the reference teacher's 4,032 ids spread over "
+              "the same vocabulary)" if a.index_order == "frequency" else "ids as they are")
+    body = (f"Store: {t.label}, top-32 sqrt8, {coding}, {a.copies} copies of one shard ({E:,} kept entries); batches of "
             f"{a.batch_size} rows, one process, {ds_threads} read threads; decoder: {native.describe()}. The machine was {machine}. Raw `read_table` (both cores) runs at "
             f"{raw_ns:.1f} ns per kept entry (wall).\n\n{t1}\n\nEach stage timed alone (the dataset overlaps the "
             f"read, in {ds_threads} background threads, with the rest):\n\n{t2}\n\n"
@@ -236,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
             f"a worker's rows are spread over the whole shuffle block.\n\n"
             + markdown_table(["workers", "order", "share of row groups read per worker"], groups))
     if not a.no_doc:
-        write_section("reader-stages", "Reader: SoftLabelDataset against read_table, stage by stage", body,
+        default = a.vocab == 32000 and a.index_order == "id"  # the store the target was filed against
+        write_section("reader-stages" if default else f"reader-stages-v{a.vocab}-{a.index_order}",
+                      "Reader: SoftLabelDataset against read_table, stage by stage"
+                      + ("" if default else f" (V = {a.vocab:,}, {a.index_order} index order)"), body,
                       command=f"python bench/reader_bench.py --copies {a.copies} --batch-size {a.batch_size} --repeat {a.repeat} "
-                              f"--pair-repeat {a.pair_repeat}")
+                              f"--pair-repeat {a.pair_repeat}" + ("" if default else f" --vocab {a.vocab} --index-order {a.index_order}"))
     return 0
 
 

@@ -57,7 +57,7 @@ typedef struct {
     /* tables */
     const float *ptable; Py_ssize_t n_ptable;
     const float *ttable; Py_ssize_t n_ttable;
-    const int64_t *order; int64_t vocab;
+    const uint32_t *order; int64_t vocab;  /* rank -> id; uint32 (the format's id width): half the cache lines of int64 */
     /* outputs */
     int64_t *out_idx; float *out_probs; Py_ssize_t n_out_ent;
     float *out_tail; Py_ssize_t n_out_pos;
@@ -113,7 +113,8 @@ static int NAME(const Job *j, int64_t *bad) {                                   
     const Py_ssize_t n_ptable = j->n_ptable, n_ttable = j->n_ttable;                            \
     /* a table with an entry for every code of the width needs no per-entry check */           \
     const int check_codes = n_ptable < ((Py_ssize_t)1 << (8 * sizeof(PT)));                     \
-    const int64_t *order = j->order, *pos_ent = j->pos_ent, *tokens = j->tokens;                \
+    const uint32_t *order = j->order;                                                           \
+    const int64_t *pos_ent = j->pos_ent, *tokens = j->tokens;                                   \
     const int64_t *row_pad = j->row_pad;                                                        \
     const int64_t fixed_k = j->fixed_k, k_out = j->k_out, vocab = j->vocab;                     \
     const void *counts = j->counts;                                                             \
@@ -151,7 +152,7 @@ static int NAME(const Job *j, int64_t *bad) {                                   
                     int64_t e = 0;                                                              \
                     for (;;) {                                                                  \
                         if (acc >= vocab) break;                                                \
-                        ST_I64(di + e, order[acc]);                                             \
+                        ST_I64(di + e, (int64_t)order[acc]);                                        \
                         if (++e == k) break;                                                    \
                         if (g[e] == 0) { *bad = r; return DUP; }                                \
                         acc += g[e];                                                            \
@@ -246,7 +247,7 @@ DEFINE_KERNEL(k_2_4, uint16_t, uint32_t)
 DEFINE_KERNEL(k_4_4, uint32_t, uint32_t)
 
 /* Arguments, in order: name, kind ('u': unsigned codes of 1, 2 or 4 bytes, 'q': int64,
- * 'f': float32, '?': bool), writable, may be None. Kinds are checked here from the buffer's
+ * 'U': uint32, 'f': float32, '?': bool), writable, may be None. Kinds are checked here from the buffer's
  * format, so the Python wrapper passes arrays through without per-call conversions. SRC_ARGS
  * are one source's (a shard's codes, given per source); ARGS the call's (rows, tables, outputs). */
 typedef struct { const char *name; char kind; int writable, optional; } Arg;
@@ -256,7 +257,7 @@ static const Arg SRC_ARGS[] = {
 };
 static const Arg ARGS[] = {
     {"row_pos", 'q', 0, 0}, {"row_len", 'q', 0, 0}, {"row_out", 'q', 0, 0}, {"row_ctx", 'q', 0, 1},
-    {"row_ent", 'q', 0, 1}, {"row_pad", 'q', 0, 1}, {"ptable", 'f', 0, 0}, {"ttable", 'f', 0, 1}, {"order", 'q', 0, 1},
+    {"row_ent", 'q', 0, 1}, {"row_pad", 'q', 0, 1}, {"ptable", 'f', 0, 0}, {"ttable", 'f', 0, 1}, {"order", 'U', 0, 1},
     {"out_idx", 'q', 1, 0}, {"out_probs", 'f', 1, 0}, {"out_tail", 'f', 1, 0}, {"out_counts", 'q', 1, 1},
     {"out_ids", 'q', 1, 1}, {"out_labels", 'q', 1, 1}, {"out_mask", '?', 1, 1}, {"out_kd_mask", '?', 1, 1},
 };
@@ -270,6 +271,7 @@ static int kind_ok(const Py_buffer *b, char kind) {
     case 'u': return strchr("BHILQ", f[0]) != NULL && (b->itemsize == 1 || b->itemsize == 2 || b->itemsize == 4);
     case 'q': return (f[0] == 'q' || f[0] == 'l') && b->itemsize == 8;
     case 'f': return f[0] == 'f' && b->itemsize == 4;
+    case 'U': return (f[0] == 'I' || f[0] == 'L') && b->itemsize == 4;
     default: return f[0] == '?' && b->itemsize == 1;
     }
 }
@@ -279,6 +281,7 @@ static const char *kind_name(char kind) {
     case 'u': return "a C-contiguous unsigned 8/16/32-bit code array";
     case 'q': return "a C-contiguous int64 array";
     case 'f': return "a C-contiguous float32 array";
+    case 'U': return "a C-contiguous uint32 array";
     default: return "a C-contiguous bool array";
     }
 }
@@ -384,7 +387,7 @@ static PyObject *decode_rows(PyObject *self, PyObject *args) {
         .fixed_k = fixed_k, .k_out = k_out,
         .ptable = b[PTABLE].buf, .n_ptable = N(PTABLE),
         .ttable = P(TTABLE, const float *), .n_ttable = have[TTABLE] ? N(TTABLE) : 0,
-        .order = P(ORDER, const int64_t *), .vocab = vocab,
+        .order = P(ORDER, const uint32_t *), .vocab = vocab,
         .out_idx = b[OUT_IDX].buf, .out_probs = b[OUT_PROBS].buf, .n_out_ent = N(OUT_IDX),
         .out_tail = b[OUT_TAIL].buf, .n_out_pos = N(OUT_TAIL),
         .out_counts = P(OUT_COUNTS, int64_t *), .out_ids = P(OUT_IDS, int64_t *), .out_labels = P(OUT_LABELS, int64_t *),

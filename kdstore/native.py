@@ -107,7 +107,7 @@ def decode_rows(
     ``out_probs`` (float32) (padded ``[S, T, k_out]``), or, with ``k_out=0``, row after row
     from ``row_ent[r]`` (flat ``[E]``). ``ptable``/``ttable``: float32 code -> probability;
     ``ttable=None`` (sample mode) writes tail 0 and does not renormalise. ``order``:
-    ``[vocab_size]`` int64 rank -> id, or None. Per output position (``[S * T]``, each
+    ``[vocab_size]`` uint32 rank -> id, or None. Per output position (``[S * T]``, each
     optional but ``out_tail``): ``out_tail`` float32, ``out_counts``/``out_ids``/
     ``out_labels`` int64 (label: the row's next token, -100 at its last position and in its
     context), ``out_mask``/``out_kd_mask`` bool. Without ``row_pad`` only the rows' positions

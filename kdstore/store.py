@@ -438,7 +438,11 @@ class Store:
             cache[key] = {"fixed_k": min(m.selection.k, m.teacher.vocab_size) if raw.counts is None else 0,
                           "ptable": self._decode_table(raw.pcodes.dtype),
                           "ttable": None if m.selection.mode == "sample" else self._tail_q.table(),
-                          "order": self.index_order, "vocab_size": m.teacher.vocab_size}
+                          # uint32 (the format's id width), not int64: the kernel looks up every
+                          # kept entry's id in it, and at V = 151,936 half the bytes is 5 % less
+                          # reader CPU (the table is 0.6 instead of 1.2 MB, next to 1 MB of L2)
+                          "order": None if self.index_order is None else self.index_order.astype(np.uint32),
+                          "vocab_size": m.teacher.vocab_size}
         return cache[key]
 
     def _decode_table(self, dtype: np.dtype) -> np.ndarray:
