@@ -128,3 +128,15 @@ def real_teacher(n: int, *, train: bool, model_dir: str | None = None, kmax: int
     t = _teacher(idx, p, tails, ent, toks, vocab, f"real teacher {model_dir.name} (V={vocab:,}, People's Daily validation)")
     t.tokens = ids[:n].numpy().astype(np.int64)  # real inputs
     return t
+
+
+def spread_teacher(t: Teacher, vocab: int, *, seed: int = 0) -> Teacher:
+    """``t``'s distributions in a ``vocab``-row vocabulary: each of its ids sent to a distinct
+    row by a fixed random permutation (``seed``), kept indices and input tokens alike. Real
+    distributions at a vocabulary no trained model here has (issue #16's 151,936): the hard
+    case for ids stored as they are (no locality left for the gaps)."""
+    if vocab < t.vocab:
+        raise ValueError(f"spread_teacher: vocab {vocab} is smaller than the teacher's {t.vocab}")
+    idmap = np.random.default_rng(seed).permutation(vocab)[: t.vocab]  # teacher id -> one of vocab rows, injective
+    return Teacher(idmap[t.idx], t.p, t.tail, idmap[t.tokens], t.entropy, vocab,
+                   f"{t.label}, ids spread over V = {vocab:,}")

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import kdstore  # noqa: E402
 from kdstore import native  # noqa: E402
 from bench._report import markdown_table, median_ci, write_section  # noqa: E402
-from bench._store_teachers import synthetic_teacher  # noqa: E402
+from bench._store_teachers import real_teacher, spread_teacher, synthetic_teacher  # noqa: E402
 from bench._readers import numpy_path, reader_study  # noqa: E402
 from bench.store_bench import _replicate_shard, _vocab, write_kdstore  # noqa: E402
 from kdstore.dataset import SoftLabelDataset  # noqa: E402
@@ -162,11 +162,12 @@ def _verdict(pairs: dict[str, list[float]], target: float = 0.8) -> str:
     for key in ("cpu", "wall"):
         med, lo, hi = median_ci(pairs[key])
         word = "met" if lo >= target else "missed" if hi < target else "undecided"
-        out.append(f"{key.upper() if key == 'cpu' else key} {word} (median {med:.2f}x, 95 % CI {lo:.2f}-{hi:.2f})")
+        what = "95 % CI" if len(pairs[key]) >= 6 else "min-max, too few repeats for a 95 % interval"
+        out.append(f"{key.upper() if key == 'cpu' else key} {word} (median {med:.2f}x, {what} {lo:.2f}-{hi:.2f})")
     return ", ".join(out) + f", {len(pairs['cpu'])} paired repeats"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--positions", type=int, default=32768)
     ap.add_argument("--vocab", type=int, default=32000)
@@ -177,10 +178,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index-order", choices=("id", "frequency"), default="id",
                     help="ids as they are, or ranked by input-token frequency (kd cache's default: the decode looks "
                          "each kept entry's id up in the store's rank -> id table)")
+    ap.add_argument("--teacher", choices=("synthetic", "reference"), default="synthetic",
+                    help="synthetic heavy-tailed generator, or the reference teacher's real distributions (cached by "
+                         "trainer.lm.reference), its ids spread over --vocab rows")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
-    a = ap.parse_args(argv)
+    return ap, ap.parse_args(argv)
+
+
+def _teacher(ap: argparse.ArgumentParser, a: argparse.Namespace):
+    """The distributions to store: ``--teacher`` at ``--vocab`` rows."""
+    if a.teacher == "synthetic":
+        return synthetic_teacher(a.positions, a.vocab)
+    t = real_teacher(a.positions, train=False)
+    if t is None:
+        ap.error("--teacher reference: the reference teacher is not cached; build it first with "
+                 "python -c 'from trainer.lm.reference import reference_teacher; reference_teacher()'")
+    return spread_teacher(t, a.vocab) if a.vocab > t.vocab else t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap, a = _args(argv)
     load0 = os.getloadavg()[0]
-    t = synthetic_teacher(a.positions, a.vocab)
+    t = _teacher(ap, a)
     with tempfile.TemporaryDirectory(prefix="kdstore-reader-") as d:
         path = Path(d) / "reader"
         # frequency: what kd cache --index-order frequency does, ids ranked by their count among the input tokens
@@ -213,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     ds_threads = SoftLabelDataset(store, batch_size=1).read_threads
     machine = ("idle" if max(load0, load1) < 1.5 else "shared") + f" (load average {load0:.1f} before, {load1:.1f} after, 2 cores)"
     coding = ("ids ranked by input-token frequency (`kd cache`'s default index order: each kept entry's id is "
-              "looked up in the store's rank -> id table; the synthetic generator spreads its top-32 over many "
+              "looked up in the store's rank -> id table" + ("; the synthetic generator spreads its top-32 over many "
               "ranks, the harder case for that table's cache than the reference teacher's 4,032 ids spread over "
-              "the same vocabulary)" if a.index_order == "frequency" else "ids as they are")
+              "the same vocabulary)" if a.teacher == "synthetic" else ")") if a.index_order == "frequency" else "ids as they are")
     body = (f"Store: {t.label}, top-32 sqrt8, {coding}, {a.copies} copies of one shard ({E:,} kept entries); batches of "
             f"{a.batch_size} rows, one process, {ds_threads} read threads; decoder: {native.describe()}. The machine was {machine}. Raw `read_table` (both cores) runs at "
             f"{raw_ns:.1f} ns per kept entry (wall).\n\n{t1}\n\nEach stage timed alone (the dataset overlaps the "
@@ -246,12 +265,12 @@ def main(argv: list[str] | None = None) -> int:
             f"a worker's rows are spread over the whole shuffle block.\n\n"
             + markdown_table(["workers", "order", "share of row groups read per worker"], groups))
     if not a.no_doc:
-        default = a.vocab == 32000 and a.index_order == "id"  # the store the target was filed against
-        write_section("reader-stages" if default else f"reader-stages-v{a.vocab}-{a.index_order}",
+        default = a.vocab == 32000 and a.index_order == "id" and a.teacher == "synthetic"  # the store the target was filed against
+        write_section("reader-stages" if default else f"reader-stages-v{a.vocab}-{a.index_order}-{a.teacher}",
                       "Reader: SoftLabelDataset against read_table, stage by stage"
-                      + ("" if default else f" (V = {a.vocab:,}, {a.index_order} index order)"), body,
+                      + ("" if default else f" (V = {a.vocab:,}, {a.index_order} index order, {a.teacher} teacher)"), body,
                       command=f"python bench/reader_bench.py --copies {a.copies} --batch-size {a.batch_size} --repeat {a.repeat} "
-                              f"--pair-repeat {a.pair_repeat}" + ("" if default else f" --vocab {a.vocab} --index-order {a.index_order}"))
+                              f"--pair-repeat {a.pair_repeat}" + ("" if default else f" --vocab {a.vocab} --index-order {a.index_order} --teacher {a.teacher}"))
     return 0
 
 

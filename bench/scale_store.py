@@ -27,6 +27,7 @@ def _median_seconds(fn, repeat: int = 3) -> float:
 
 # -- bytes per kept entry -----------------------------------------------------------------------
 def bytes_per_entry_study(a) -> None:
+    from bench._store_teachers import spread_teacher
     from bench.store_bench import _soft_label_bytes, real_teacher, store_kl, write_kdstore
     from kdstore.hashing import token_hashes
     from kdstore.writer import frequency_order
@@ -35,11 +36,9 @@ def bytes_per_entry_study(a) -> None:
     if t is None:
         print("bytes: the reference teacher is not cached (trainer.lm.reference.reference_teacher()); skipped")
         return
-    spread = np.random.default_rng(0).permutation(V)[: t.vocab]  # teacher id -> one of V rows, injective
     rows, work = [], Path(tempfile.mkdtemp(prefix="scale-bytes-"))
-    for label, vocab, idmap in ((f"reference teacher ids (V = {t.vocab:,}, 12-bit)", t.vocab, np.arange(t.vocab)),
-                                (f"spread over V = {V:,} (18-bit ids)", V, spread)):
-        tv = type(t)(idmap[t.idx], t.p, t.tail, idmap[t.tokens], t.entropy, vocab, t.label)
+    for label, tv in ((f"reference teacher ids (V = {t.vocab:,}, 12-bit)", t), (f"spread over V = {V:,} (18-bit ids)", spread_teacher(t, V))):
+        vocab = tv.vocab
         hashes = token_hashes(f"<{i}>".encode() for i in range(vocab))
         # What kd cache --index-order frequency does: rank ids by their count among the input tokens.
         freq = frequency_order(np.bincount(tv.tokens, minlength=vocab), vocab)
