@@ -35,8 +35,6 @@ def reader_study(store: kdstore.Store, *, repeat: int = 9) -> list[list]:
     the process) as a second, contention-free measure. Ratios are against the default
     (multi-threaded) ``read_table``. With the native kernel built, the numpy path is
     measured in the same run; the last column is :func:`paired_ratio` of the CPU times.
-    Returns ``(rows, ratios)``: the table's rows and, per reader key (``"dataset"``, ...),
-    the paired CPU ratios (read_table / reader) of each repeat.
     """
     files = [store.shard_path(s) for s in store.shards]
     P = store.manifest.totals["tokens"]
@@ -78,6 +76,5 @@ def reader_study(store: kdstore.Store, *, repeat: int = 9) -> list[list]:
               "dataset": "SoftLabelDataset, shuffled, collated [B,T,K] tensors",
               "decoded_np": "Store.iter_decoded -> to_torch, numpy path (KDSTORE_NATIVE=0)",
               "dataset_np": "SoftLabelDataset, numpy path (KDSTORE_NATIVE=0)"}
-    rows = [[labels[k], P / best[k] / 1e6, E / best[k] / 1e6, best["raw"] / best[k], cpu_med["raw"] / cpu_med[k],
+    return [[labels[k], P / best[k] / 1e6, E / best[k] / 1e6, best["raw"] / best[k], cpu_med["raw"] / cpu_med[k],
              paired_ratio(cpu["raw"], cpu[k])] for k in fns]
-    return rows, {k: [b / o for b, o in zip(cpu["raw"], cpu[k])] for k in fns}

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         write_kdstore(t, 32, 8, path, hashes=_vocab(t.vocab).column("hash").to_numpy(), index_order=order)
         _replicate_shard(path, a.copies)
         store = kdstore.open(str(path))
-        readers, _ = reader_study(store, repeat=a.repeat)
+        readers = reader_study(store, repeat=a.repeat)
         stages = stage_rows(store, batch_size=a.batch_size, repeat=a.repeat)
         threads, pairs = target_pairs(store, batch_size=a.batch_size, repeat=a.pair_repeat)
         E = store.manifest.totals["entries"]

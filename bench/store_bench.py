@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         # dataset shuffles across shards as it would in a real store)
         store = write_kdstore(t, 32, 8, tmp / "reader", hashes=hashes)
         _replicate_shard(tmp / "reader", args.reader_copies)
-        reader_rows, _ = reader_study(kdstore.open(str(tmp / "reader")))
+        reader_rows = reader_study(kdstore.open(str(tmp / "reader")))
     for title, headers, rows in (
         ("Index coding (k=32, 8-bit sqrt probability codes, same data)", ["entry order", "index coding", "idx B/entry", "probs B/entry", "total B/entry", "idx decode M entries/s"], idx_rows),
         ("Probability codes (index order, BYTE_STREAM_SPLIT + zstd)", ["k", "code", "probs B/entry", "mean KL", "p99 KL", "positions with infinite KL"], q_rows),
